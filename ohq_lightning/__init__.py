@@ -1,0 +1,51 @@
+"""ohq_lightning: on-chip hardware-aware mixed-precision quantization (OHQ).
+
+The public API, usable without Lightning or Hydra::
+
+    import timm, torch, ohq_lightning as ohq
+
+    model = timm.create_model("resnet18", pretrained=False)
+    plan = ohq.search(model, torch.randn(1, 3, 224, 224), compression_ratio=0.6)
+    ohq.apply_plan(model, plan)   # fake-quant twins, same weight Parameters
+    ohq.strip_plan(model)         # back to plain modules
+"""
+
+from ohq_lightning.api import search
+from ohq_lightning.hardware import AnalyticalTarget, HardwareTarget, create_target
+from ohq_lightning.layers import LayerTrace, trace_layers
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, QuantPlan, SensitivityTable
+from ohq_lightning.quant import QuantLayer, apply_plan, calibrate, quantized_layers, strip_plan
+from ohq_lightning.report import format_plan_table
+from ohq_lightning.sensitivity import mqe_sensitivity
+from ohq_lightning.solver import InfeasibleBudgetError, pareto_sweep, solve
+from ohq_lightning.synthetic import distilled_inputs, gaussian_inputs
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AnalyticalTarget",
+    "CostTable",
+    "HardwareTarget",
+    "InfeasibleBudgetError",
+    "LayerCost",
+    "LayerInfo",
+    "LayerTrace",
+    "Option",
+    "QuantLayer",
+    "QuantPlan",
+    "SensitivityTable",
+    "__version__",
+    "apply_plan",
+    "calibrate",
+    "create_target",
+    "distilled_inputs",
+    "format_plan_table",
+    "gaussian_inputs",
+    "mqe_sensitivity",
+    "pareto_sweep",
+    "quantized_layers",
+    "search",
+    "solve",
+    "strip_plan",
+    "trace_layers",
+]

@@ -1,0 +1,182 @@
+"""``search``: the one place that runs the stages in order (layers -> costs -> synthetic -> MQE -> ILP)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ohq_lightning.hardware import HardwareTarget, create_target
+from ohq_lightning.layers import trace_layers
+from ohq_lightning.plan import QuantPlan, parse_options
+from ohq_lightning.sensitivity import METHODS, mqe_sensitivity
+from ohq_lightning.solver import check_budget_values, solve
+from ohq_lightning.synthetic import synthetic_inputs
+
+__all__ = ["search", "validate_budgets"]
+
+SYNTHETIC_KINDS = ("distilled", "gaussian")
+
+
+def validate_budgets(
+    *,
+    compression_ratio: float | None = None,
+    latency_budget: float | None = None,
+    energy_budget: float | None = None,
+    bops_budget: float | None = None,
+) -> dict[str, float]:
+    """Check the budgets of :func:`search` and return the given ones by name.
+
+    Each must be a finite number > 0, and ``compression_ratio`` (plan weight bytes / weight bytes
+    at uniform 8 bits) at most 1.
+    """
+    given = check_budget_values(
+        {
+            "compression_ratio": compression_ratio,
+            "latency_budget": latency_budget,
+            "energy_budget": energy_budget,
+            "bops_budget": bops_budget,
+        }
+    )
+    ratio = given.get("compression_ratio")
+    if ratio is not None and ratio > 1:
+        raise ValueError(
+            f"compression_ratio must be in (0, 1]: it is the plan's weight bytes over the weight bytes at uniform "
+            f"8 bits (1.0 = INT8 size), got {ratio}"
+        )
+    return given
+
+
+def search(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    target: str | HardwareTarget = "analytical",
+    compression_ratio: float | None = None,
+    latency_budget: float | None = None,
+    energy_budget: float | None = None,
+    bops_budget: float | None = None,
+    options: Sequence[str] | None = None,
+    sensitivity: str = "quantize",
+    synthetic: str = "distilled",
+    num_samples: int = 8,
+    distill_steps: int = 20,
+    tie_groups: Sequence[Sequence[str]] = (),
+    cost_weight: float = 0.0,
+    seed: int = 0,
+    cache_dir: str | Path | bool | None = None,
+    progress: bool = True,
+) -> QuantPlan:
+    """Choose one option per layer of ``model``, data-free, under the given budgets.
+
+    Runs, in order: layer discovery (one traced forward of ``example_inputs``), the target's cost
+    table, synthetic inputs, MQE sensitivities, and the ILP. The model is not modified.
+
+    Args:
+        model: a float model (e.g. a timm model).
+        example_inputs: an input the model runs on (a tensor, a tuple of arguments or a dict of keywords).
+        target: a hardware target name (``"analytical"``) or a :class:`~ohq_lightning.hardware.HardwareTarget`.
+        compression_ratio: weight bytes of the plan / weight bytes at uniform 8 bits, in (0, 1].
+        latency_budget: total predicted latency of the quantizable layers, ms.
+        energy_budget: total predicted energy, mJ.
+        bops_budget: total bit operations.
+        options: candidate options (default: the target's), e.g. ``["w8a8", "w4a8", "w2a8"]``.
+        sensitivity: MQE reading, ``"quantize"`` or ``"random_mask"``.
+        synthetic: ``"distilled"`` (BatchNorm-statistics matching) or ``"gaussian"``.
+        num_samples: synthetic inputs used by MQE.
+        distill_steps: optimisation steps of the distilled inputs.
+        tie_groups: groups of layer names that must share one option.
+        cost_weight: weight of the target's latency in the objective (0: sensitivity only).
+        seed: seed of everything random in the search.
+        cache_dir: cache of synthetic inputs (``False`` disables it).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`~ohq_lightning.plan.QuantPlan`; ``plan.meta`` records the stages' timings, the
+        layers left in float and why, and the settings.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> plan = search(model, torch.randn(1, 3, 64, 64), compression_ratio=0.6, progress=False)  # doctest: +SKIP
+        >>> plan.predicted["size_ratio"] <= 0.6  # doctest: +SKIP
+        True
+    """
+    budgets = validate_budgets(
+        compression_ratio=compression_ratio,
+        latency_budget=latency_budget,
+        energy_budget=energy_budget,
+        bops_budget=bops_budget,
+    )
+    if sensitivity not in METHODS:
+        raise ValueError(f"unknown sensitivity method {sensitivity!r}; use one of {METHODS}")
+    if synthetic not in SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic input kind {synthetic!r}; use one of {SYNTHETIC_KINDS}")
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    hardware = create_target(target)
+    option_names = [o.name for o in parse_options(hardware.options if options is None else options)]
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    trace = trace_layers(model, example_inputs)
+    timings["layers"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    costs = hardware.costs(trace.layers, option_names)
+    timings["costs"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    inputs = synthetic_inputs(
+        model,
+        example_inputs,
+        kind=synthetic,
+        num_samples=int(num_samples),
+        seed=seed,
+        steps=distill_steps,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    timings["synthetic"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scores = mqe_sensitivity(
+        model, inputs, trace.layers, option_names, method=sensitivity, seed=seed, progress=progress
+    )
+    timings["sensitivity"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    plan = solve(
+        scores,
+        costs,
+        tie_groups=tie_groups,
+        cost_weight=cost_weight,
+        options=option_names,
+        **budgets,
+    )
+    timings["solve"] = time.perf_counter() - started
+
+    infos = {layer.name: layer for layer in trace.layers}
+    for row in plan.layers:
+        info = infos[row["name"]]
+        row.update(
+            type=info.type.rsplit(".", 1)[-1],
+            kind=info.kind,
+            in_shape=info.in_shape,
+            out_shape=info.out_shape,
+            macs=info.macs,
+            scores=dict(scores.scores[row["name"]]),
+        )
+    plan.meta.update(
+        timings_s=timings,
+        skipped_layers=dict(trace.skipped),
+        sensitivity_method=scores.method,
+        synthetic=synthetic,
+        num_samples=int(num_samples),
+        seed=seed,
+        cost_source=costs.meta.get("source", ""),
+    )
+    return plan

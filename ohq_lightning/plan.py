@@ -1,0 +1,262 @@
+"""The ground floor: plain data passed between the stages of a search.
+
+Every stage reads and writes these dataclasses and nothing else, and every one of them
+round-trips through JSON (``to_json`` / ``from_json``), so a table measured on one machine can
+be read on another and a plan can be stored beside a checkpoint.
+
+Definitions used everywhere in the project:
+
+* **option** -- one candidate precision for a layer: ``w{b}a{b}`` (weights and layer input
+  fake-quantized, e.g. ``w4a8``), ``w{b}`` (weights only, input stays float), or a float
+  format that leaves the layer as it is (``fp32``, ``bf16``, ``fp16``). Bits are 2 to 8.
+* **compression ratio** -- the plan's weight bytes divided by the weight bytes of the same
+  quantizable layers at uniform 8 bits: 1.0 is INT8 size, 0.5 half of it. Only the weights
+  of quantizable layers count (biases and other parameters are the same in every plan).
+* **BOPs** -- bit operations: MACs x weight bits x activation bits (a float operand counts
+  with its storage width, 32 for ``fp32``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "CostTable",
+    "LayerCost",
+    "LayerInfo",
+    "Option",
+    "QuantPlan",
+    "SensitivityTable",
+    "parse_options",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+_FLOAT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
+_OPTION_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate precision for a layer.
+
+    Example:
+        >>> Option.parse("w4a8")
+        Option(name='w4a8', weight_bits=4, act_bits=8, float_format=None)
+        >>> Option.parse("fp32").is_float
+        True
+    """
+
+    name: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    float_format: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> Option:
+        """Parse an option name such as ``"w4a8"``, ``"w8"`` or ``"fp32"``."""
+        if not isinstance(name, str):
+            raise ValueError(f"option must be a string such as 'w4a8' or 'fp32', got {name!r}")
+        key = name.strip().lower()
+        if key in _FLOAT_BITS:
+            return cls(name=key, float_format=key)
+        match = _OPTION_RE.match(key)
+        if match is None:
+            raise ValueError(
+                f"unknown option {name!r}: use 'w<bits>a<bits>' (e.g. 'w4a8'), 'w<bits>' "
+                f"(weights only) or one of {sorted(_FLOAT_BITS)}"
+            )
+        w_bits = int(match.group(1))
+        a_bits = int(match.group(2)) if match.group(2) is not None else None
+        for what, bits in (("weight", w_bits), ("activation", a_bits)):
+            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"option {name!r}: {what} bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+        return cls(name=key, weight_bits=w_bits, act_bits=a_bits)
+
+    @property
+    def is_float(self) -> bool:
+        """True when the option leaves the layer in a floating-point format."""
+        return self.float_format is not None
+
+    @property
+    def weight_storage_bits(self) -> int:
+        """Bits stored per weight element (packed integer bits, or the float width)."""
+        if self.float_format is not None:
+            return _FLOAT_BITS[self.float_format]
+        assert self.weight_bits is not None
+        return self.weight_bits
+
+    @property
+    def act_storage_bits(self) -> int:
+        """Bits per input activation element as the layer computes with it."""
+        if self.float_format is not None:
+            return _FLOAT_BITS[self.float_format]
+        return self.act_bits if self.act_bits is not None else 32
+
+
+def parse_options(names: Any) -> tuple[Option, ...]:
+    """Parse and validate a collection of option names (no duplicates, at least one)."""
+    if isinstance(names, str):
+        names = [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise ValueError(f"options must be a list of names such as ['w4a8', 'w8a8'], got {names!r}") from None
+    if not names:
+        raise ValueError("options must name at least one precision, e.g. ['w4a8', 'w8a8']")
+    parsed = tuple(Option.parse(name) for name in names)
+    seen: set[str] = set()
+    for option in parsed:
+        if option.name in seen:
+            raise ValueError(f"option {option.name!r} is listed twice")
+        seen.add(option.name)
+    return parsed
+
+
+class _JsonMixin:
+    """JSON round-trip for the dataclasses of this module."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (dicts, lists, numbers, strings)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to a JSON string; also write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Any:
+        """Read from a JSON string or from a path to a JSON file."""
+        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        else:
+            text = str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class LayerInfo(_JsonMixin):
+    """One quantizable layer, as found by a traced forward pass (shapes are per call, batch 1 MACs)."""
+
+    name: str
+    type: str
+    kind: str
+    in_shape: list[int]
+    out_shape: list[int]
+    weight_shape: list[int]
+    weight_numel: int
+    bias_numel: int
+    macs: int
+    calls: int = 1
+    groups: int = 1
+    input_nonnegative: bool = False
+
+    def weight_bytes(self, option: Option) -> float:
+        """Bytes of this layer's weights stored at ``option``."""
+        return self.weight_numel * option.weight_storage_bits / 8.0
+
+    def bops(self, option: Option) -> float:
+        """Bit operations of one forward at batch 1 (all calls) at ``option``."""
+        return float(self.macs) * option.weight_storage_bits * option.act_storage_bits
+
+
+@dataclass
+class LayerCost(_JsonMixin):
+    """Cost of one layer at one option; ``source`` says where the numbers came from."""
+
+    weight_bytes: float
+    bops: float
+    latency_ms: float | None = None
+    energy_mj: float | None = None
+    source: str = "analytical"
+
+
+@dataclass
+class CostTable(_JsonMixin):
+    """OQA output: layer -> option -> :class:`LayerCost`, plus each layer's 8-bit weight bytes."""
+
+    target: str
+    options: list[str]
+    costs: dict[str, dict[str, LayerCost]]
+    int8_weight_bytes: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostTable:
+        data = dict(data)
+        data["costs"] = {
+            layer: {opt: LayerCost.from_dict(c) for opt, c in row.items()} for layer, row in data["costs"].items()
+        }
+        return cls(**data)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in table order."""
+        return list(self.costs)
+
+    def has_metric(self, metric: str) -> bool:
+        """True when every entry has a value for ``metric`` (``latency_ms``, ``energy_mj``...)."""
+        return all(getattr(c, metric) is not None for row in self.costs.values() for c in row.values())
+
+
+@dataclass
+class SensitivityTable(_JsonMixin):
+    """MQE output: layer -> option -> accuracy impact (KL divergence; higher is worse)."""
+
+    method: str
+    scores: dict[str, dict[str, float]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in table order."""
+        return list(self.scores)
+
+
+@dataclass
+class QuantPlan(_JsonMixin):
+    """One option per layer, with predicted totals and the budgets it was solved under.
+
+    ``assignment`` maps layer name to option name (``"w4a8"``, ``"fp32"``...). ``predicted``
+    holds at least ``size_ratio`` (see the module docstring), ``weight_bytes``, ``bops`` and
+    ``sensitivity``, plus ``latency_ms`` / ``energy_mj`` when the target gives them.
+    ``layers`` holds one row per layer for reports (type, shapes, option, costs, score).
+    """
+
+    assignment: dict[str, str]
+    predicted: dict[str, float]
+    budgets: dict[str, float] = field(default_factory=dict)
+    status: str = "Optimal"
+    target: str = ""
+    options: list[str] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def option_counts(self) -> dict[str, int]:
+        """How many layers take each option."""
+        counts: dict[str, int] = {}
+        for option in self.assignment.values():
+            counts[option] = counts.get(option, 0) + 1
+        return counts
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON to ``path`` and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.to_json(path)
+        return path

@@ -1,0 +1,188 @@
+"""Fake-quantizers with learnable step sizes (LSQ, Esser et al. 2020) and a straight-through estimator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActivationFakeQuant",
+    "FloatCast",
+    "WeightFakeQuant",
+    "fake_quantize",
+    "mse_scale",
+    "round_ste",
+]
+
+_CLIP_RATIOS = torch.linspace(0.15, 1.0, 35)
+_MIN_SCALE = 1e-8
+_MAX_SEARCH_VALUES = 1 << 16
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer; the gradient passes straight through."""
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ step-size scaling)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide signed or unsigned grid."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize ``x`` to the integer grid ``[qmin, qmax]`` of step ``scale`` and map it back (STE)."""
+    return round_ste(torch.clamp(x / scale, qmin, qmax)) * scale
+
+
+def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) -> torch.Tensor:
+    """Step size that minimises the squared quantization error of ``x``, searched over clipping ratios.
+
+    With ``dim`` the search is per slice along that dimension (per output channel for weights);
+    without it, one scale for the whole tensor. Low bit-widths clip far below the maximum,
+    which is why a plain max-based scale fails at 2-4 bits.
+    """
+    qmin, qmax = int_range(bits, signed)
+    x = x.detach().float()
+    flat = x.reshape(1, -1) if dim is None else x.transpose(0, dim).reshape(x.shape[dim], -1)
+    if signed:
+        peak = flat.abs().amax(dim=1).clamp_min(_MIN_SCALE) / max(qmax, -qmin)
+    else:
+        peak = flat.clamp_min(0).amax(dim=1).clamp_min(_MIN_SCALE) / qmax
+    if flat.shape[1] > _MAX_SEARCH_VALUES:  # the peak comes from every value, the search from a strided sample
+        flat = flat[:, :: -(-flat.shape[1] // _MAX_SEARCH_VALUES)]
+    best_err = torch.full_like(peak, float("inf"))
+    best = peak.clone()
+    for ratio in _CLIP_RATIOS.tolist():
+        scale = peak * ratio
+        err = (torch.clamp(torch.round(flat / scale[:, None]), qmin, qmax) * scale[:, None] - flat).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    if dim is None:
+        return best.reshape(())
+    shape = [1] * x.dim()
+    shape[0] = -1
+    return best.reshape(shape)
+
+
+class WeightFakeQuant(nn.Module):
+    """Symmetric per-output-channel weight fake-quant with a learnable step size per channel.
+
+    The step sizes start at the MSE-optimal clipping of the weight they are built for.
+
+    Example:
+        >>> w = torch.randn(4, 3, 3, 3)
+        >>> q = WeightFakeQuant(w, bits=4)
+        >>> int(torch.unique(q(w)[0] / q.scale[0]).numel()) <= 16
+        True
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.qmin, self.qmax = int_range(self.bits, signed=True)
+        self.scale = nn.Parameter(mse_scale(weight, self.bits, signed=True, dim=0))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight."""
+        factor = (weight[0].numel() * self.qmax) ** -0.5
+        scale = _grad_scale(self.scale, factor).abs().clamp_min(_MIN_SCALE)
+        return fake_quantize(weight, scale.to(weight.dtype), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel=True, symmetric=True"
+
+
+class ActivationFakeQuant(nn.Module):
+    """Per-tensor fake-quant of a layer's input: unsigned when the input is non-negative, else signed.
+
+    It starts uncalibrated. In calibration mode (:meth:`observe`) it passes inputs through
+    unchanged and records the MSE-optimal step size and the sign of every batch; ``finish``
+    turns those into the learnable step size. An uncalibrated quantizer that meets its first
+    batch outside calibration initialises itself from that batch.
+    """
+
+    def __init__(self, bits: int, signed: bool | None = None) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else False))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self._observing = False
+        self._scales: list[torch.Tensor] = []
+        self._any_negative = False
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        """The integer grid in use (depends on the sign found at calibration)."""
+        return int_range(self.bits, bool(self.signed))
+
+    def observe(self) -> None:
+        """Start calibration: record statistics, pass inputs through unchanged."""
+        self._observing = True
+        self._scales = []
+        self._any_negative = False
+
+    def _record(self, x: torch.Tensor) -> None:
+        self._any_negative = self._any_negative or bool((x < 0).any())
+        self._scales.append(torch.stack([mse_scale(x, self.bits, signed=False), mse_scale(x, self.bits, signed=True)]))
+
+    def finish(self) -> None:
+        """End calibration: set the sign and the step size from what was observed."""
+        self._observing = False
+        if not self._scales:
+            return
+        signed = self._any_negative
+        with torch.no_grad():
+            self.signed.fill_(signed)
+            self.scale.copy_(torch.stack(self._scales)[:, int(signed)].mean())
+            self.calibrated.fill_(True)
+        self._scales = []
+
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Calibrate from one batch at once."""
+        self.observe()
+        self._record(x)
+        self.finish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized input (unchanged while observing)."""
+        if self._observing:
+            self._record(x)
+            return x
+        if not bool(self.calibrated):
+            self.calibrate_from(x)
+        qmin, qmax = self.int_range
+        factor = (x[0].numel() * qmax) ** -0.5 if x.dim() > 0 and x.shape[0] > 0 else 1.0
+        scale = _grad_scale(self.scale, factor).abs().clamp_min(_MIN_SCALE)
+        return fake_quantize(x, scale.to(x.dtype), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={bool(self.signed)}, calibrated={bool(self.calibrated)}"
+
+
+class FloatCast(nn.Module):
+    """Round a tensor through a narrower float format (``bf16``/``fp16``) and back."""
+
+    def __init__(self, float_format: str) -> None:
+        super().__init__()
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if float_format not in dtypes:
+            raise ValueError(f"FloatCast supports {sorted(dtypes)}, got {float_format!r}")
+        self.float_format = float_format
+        self._dtype = dtypes[float_format]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded to the narrower format, in its own dtype."""
+        return x.to(self._dtype).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return self.float_format

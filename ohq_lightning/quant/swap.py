@@ -1,0 +1,119 @@
+"""Swap a model's layers for their fake-quant twins according to a plan, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ohq_lightning.layers import preserved_state, quantizable_types, run_model
+from ohq_lightning.plan import Option, QuantPlan
+from ohq_lightning.progress import progress_bar
+from ohq_lightning.quant.fake_quant import ActivationFakeQuant
+from ohq_lightning.quant.modules import QuantLayer
+
+__all__ = ["apply_plan", "calibrate", "quantized_layers", "strip_plan"]
+
+
+def _assignment(plan: QuantPlan | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(plan, QuantPlan):
+        return dict(plan.assignment)
+    if isinstance(plan, Mapping):
+        return dict(plan)
+    raise ValueError(f"plan must be a QuantPlan or a mapping of layer name to option, got {type(plan).__name__}")
+
+
+def _references(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (parent, attribute) through which ``model`` holds ``target`` (a module may be shared)."""
+    found = []
+    for parent in model.modules():
+        for attr, child in parent._modules.items():  # named_children() would hide the second reference
+            if child is target:
+                found.append((parent, attr))
+    return found
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """The fake-quant layers of ``model``, by the name of the layer they replaced."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLayer)}
+
+
+def apply_plan(
+    model: nn.Module, plan: QuantPlan | Mapping[str, str], *, input_signed: Mapping[str, bool] | None = None
+) -> nn.Module:
+    """Swap, in place, every layer the plan quantizes for a :class:`QuantLayer` at its option.
+
+    Float options (``fp32``) leave the layer untouched. The original weight ``Parameter`` objects
+    stay in the model, so an optimizer built before or after the swap trains the same tensors.
+    The whole plan is checked before anything changes: on error the model is as it was.
+
+    Args:
+        model: the model to quantize (changed in place and returned).
+        plan: a :class:`~ohq_lightning.plan.QuantPlan` or a mapping of layer name to option name.
+        input_signed: optional layer name -> whether its input can be negative (otherwise decided
+            at calibration).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> _ = apply_plan(model, {"0": "w8a8", "2": "w4a8"})
+        >>> sorted(quantized_layers(model))
+        ['0', '2']
+    """
+    assignment = _assignment(plan)
+    supported = quantizable_types()
+    modules = dict(model.named_modules())
+    swaps: list[tuple[str, nn.Module, Option]] = []
+    for name, option_name in assignment.items():
+        option = Option.parse(option_name)
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"the plan names layer {name!r}, which the model does not have")
+        if isinstance(module, QuantLayer):
+            raise ValueError(f"layer {name!r} is already quantized: call strip_plan(model) before applying a new plan")
+        if type(module) not in supported:
+            raise ValueError(f"layer {name!r} is a {type(module).__name__}, which cannot be quantized")
+        if option.is_float and option.float_format == "fp32":
+            continue
+        swaps.append((name, module, option))
+    signs = dict(input_signed or {})
+    for name, module, option in swaps:
+        wrapper = QuantLayer(module, option, input_signed=signs.get(name))
+        wrapper.to(device=module.weight.device)
+        wrapper.train(module.training)
+        for parent, attr in _references(model, module):
+            setattr(parent, attr, wrapper)
+    return model
+
+
+def strip_plan(model: nn.Module) -> nn.Module:
+    """Replace every :class:`QuantLayer` in ``model`` by the plain module it wraps (in place)."""
+    for wrapper in list(quantized_layers(model).values()):
+        for parent, attr in _references(model, wrapper):
+            setattr(parent, attr, wrapper.module)
+    return model
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> int:
+    """Set the activation step sizes of ``model``'s fake-quant layers from ``batches`` of inputs.
+
+    Each batch is what the model is called with (a tensor, a tuple of arguments or a dict of
+    keywords). Quantizers pass activations through in float while they observe, so each layer is
+    calibrated on the float distribution of its input. Runs in eval mode without gradients and
+    restores the mode after. Returns the number of batches seen.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationFakeQuant)]
+    count = 0
+    for quantizer in quantizers:
+        quantizer.observe()
+    try:
+        with preserved_state(model):
+            for batch in progress_bar(batches, desc="calibrate", enabled=progress):
+                run_model(model, batch)
+                count += 1
+    finally:
+        for quantizer in quantizers:
+            quantizer.finish()
+    if count == 0 and quantizers:
+        raise ValueError("calibrate() got no batches")
+    return count

@@ -1,0 +1,655 @@
+"""Choose one option per layer with an integer linear program (PuLP + the CBC solver it bundles).
+
+The program has one binary variable ``x[layer, option]`` per layer and candidate option, exactly
+one option per layer, and minimises
+
+    sum(sensitivity[l][o] * x[l, o]) + cost_weight * sum(cost_metric[l][o] * x[l, o])
+
+under any of four budgets (each optional, all combinable):
+
+* ``compression_ratio`` -- plan weight bytes <= ratio * weight bytes at uniform 8 bits
+  (1.0 is INT8 size, see :mod:`ohq_lightning.plan`);
+* ``latency_budget`` (ms), ``energy_budget`` (mJ), ``bops_budget`` (bit operations) -- the sum
+  of that metric over the layers <= the budget.
+
+Layers named together in a tie group take the same option (they share their variables).
+
+When sensitivities tie (a randomly initialised layer scores exactly zero at every option) the
+solver prefers the option with fewer weight bytes: a tie-break term of about 1e-9 of the objective
+scale goes into the program, and after solving, any layer (or tie group) that can move to an option
+with the same objective value and fewer weight bytes without breaking a budget is moved.
+
+Example:
+    >>> plan = solve(sensitivity_table, cost_table, compression_ratio=0.6)  # doctest: +SKIP
+    >>> plan.predicted["size_ratio"] <= 0.6  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import pulp
+
+from .plan import CostTable, QuantPlan, SensitivityTable
+
+__all__ = [
+    "BUDGETS",
+    "COST_METRICS",
+    "InfeasibleBudgetError",
+    "check_budget_values",
+    "pareto_sweep",
+    "solve",
+]
+
+BUDGETS: Mapping[str, str] = MappingProxyType(
+    {
+        "compression_ratio": "weight_bytes",
+        "latency_budget": "latency_ms",
+        "energy_budget": "energy_mj",
+        "bops_budget": "bops",
+    }
+)
+"""Budget keyword -> the :class:`~ohq_lightning.plan.LayerCost` metric it bounds."""
+
+COST_METRICS: tuple[str, ...] = ("latency_ms", "energy_mj", "bops", "weight_bytes")
+"""Metrics that ``cost_metric`` may name."""
+
+_OBJECTIVE_SCALE = 1e6  # the solver sees objectives scaled so that their whole range spans this
+_TIE_BREAK = 1e-9  # weight of the weight-bytes tie-break, relative to the objective range
+_ROW_SCALE = 1e6  # budget rows are written as sum(metric / limit * _ROW_SCALE) <= _ROW_SCALE
+_BUDGET_RTOL = 1e-9  # a recomputed total may exceed its limit by this much (float rounding)
+_TIE_RTOL = 1e-12  # objective coefficients this close count as equal in the post-solve pass
+
+Table = list[list[float]]  # [unit or layer index][option index]
+
+
+class InfeasibleBudgetError(ValueError):
+    """Raised when no assignment meets the budgets.
+
+    ``smallest_feasible`` maps each given budget name to the smallest value of that budget that
+    is feasible, with the other given budgets held as given where that is feasible, else alone;
+    ``budgets`` holds the budgets as given. The message names both, e.g.
+    ``no plan meets the budgets {compression_ratio: 0.1}: the smallest feasible compression_ratio is 0.25``.
+    Values in the message are rounded up (6 significant digits), so they stay feasible.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        smallest_feasible: Mapping[str, float] | None = None,
+        budgets: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.smallest_feasible: dict[str, float] = dict(smallest_feasible or {})
+        self.budgets: dict[str, float] = dict(budgets or {})
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The validated problem: tables per tie unit (a tie group, or one layer on its own)."""
+
+    layers: list[str]
+    options: list[str]
+    units: list[list[int]]
+    objective: Table
+    metrics: dict[str, Table]
+    limits: dict[str, float]
+    int8_bytes: float
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def solve(
+    sensitivity: SensitivityTable,
+    costs: CostTable,
+    *,
+    compression_ratio: float | None = None,
+    latency_budget: float | None = None,
+    energy_budget: float | None = None,
+    bops_budget: float | None = None,
+    tie_groups: Sequence[Sequence[str]] = (),
+    cost_weight: float = 0.0,
+    cost_metric: str = "latency_ms",
+    options: Sequence[str] | None = None,
+    time_limit_s: float | None = 60.0,
+) -> QuantPlan:
+    """Pick one option per layer of ``costs`` minimising sensitivity (+ ``cost_weight`` x cost) under budgets.
+
+    Args:
+        sensitivity: layer -> option -> score (higher is worse); must cover every layer of ``costs``
+            (its other layers are ignored).
+        costs: layer -> option -> :class:`~ohq_lightning.plan.LayerCost` for the target.
+        compression_ratio: plan weight bytes / weight bytes at uniform 8 bits must be <= this (> 0).
+        latency_budget: total ``latency_ms`` must be <= this (needs a target that gives latency).
+        energy_budget: total ``energy_mj`` must be <= this (needs a target that gives energy).
+        bops_budget: total ``bops`` must be <= this.
+        tie_groups: groups of layer names that must take the same option.
+        cost_weight: weight (>= 0) of the ``cost_metric`` total added to the objective.
+        cost_metric: one of :data:`COST_METRICS`.
+        options: the candidate options (default: ``costs.options``); a subset of ``costs.options``
+            and of every layer's sensitivity row.
+        time_limit_s: CBC time limit per solve (``None``: no limit). When CBC stops on time with a
+            solution that it has not proven optimal, that plan is returned with status ``"Feasible"``
+            and a :class:`RuntimeWarning`.
+
+    Returns:
+        A :class:`~ohq_lightning.plan.QuantPlan`; ``predicted`` totals are recomputed from the assignment.
+
+    Raises:
+        ValueError: bad input (unknown option or layer, missing metric, non-positive budget...).
+        InfeasibleBudgetError: no assignment meets the budgets.
+        RuntimeError: the solver failed otherwise (e.g. stopped on time without a solution).
+    """
+    budgets = _check_budgets(
+        costs,
+        {
+            "compression_ratio": compression_ratio,
+            "latency_budget": latency_budget,
+            "energy_budget": energy_budget,
+            "bops_budget": bops_budget,
+        },
+    )
+    cost_weight = _check_objective_args(costs, cost_weight, cost_metric, time_limit_s)
+    model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric)
+    rows = _budget_rows(model, budgets)
+
+    start = time.perf_counter()
+    status, choice = _solve_ilp(_solver_objective(model), rows, time_limit_s)
+    solve_s = time.perf_counter() - start
+    if status == "Infeasible":
+        raise _infeasible_error(model, budgets, time_limit_s)
+    if choice is None or status not in ("Optimal", "Feasible"):
+        raise RuntimeError(
+            f"the ILP solver (CBC) returned status {status!r}"
+            + (f"; try a longer time_limit_s than {time_limit_s}" if time_limit_s is not None else "")
+        )
+    if status == "Feasible":
+        warnings.warn(
+            f"CBC stopped at time_limit_s={time_limit_s} before proving the plan optimal; "
+            "returning the best plan found (status 'Feasible')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    choice = _prefer_fewer_bytes(model, choice, rows)
+    _check_choice_meets_budgets(model, choice, budgets)
+    return _make_plan(
+        model,
+        choice,
+        sensitivity,
+        costs,
+        budgets,
+        status=status,
+        meta={
+            "solver": "pulp-cbc",
+            "solve_s": solve_s,
+            "sensitivity_method": sensitivity.method,
+            "cost_weight": cost_weight,
+            "cost_metric": cost_metric,
+            "time_limit_s": time_limit_s,
+            "tie_groups": [list(group) for group in tie_groups],
+        },
+    )
+
+
+def pareto_sweep(
+    sensitivity: SensitivityTable,
+    costs: CostTable,
+    *,
+    budget: str,
+    values: Sequence[float],
+    **solve_kwargs: Any,
+) -> list[QuantPlan]:
+    """Solve once per value of one budget and return the plans in the order of ``values``.
+
+    ``budget`` is one of :data:`BUDGETS` (``"compression_ratio"``, ``"latency_budget"``,
+    ``"energy_budget"``, ``"bops_budget"``); ``solve_kwargs`` go to :func:`solve` unchanged (they may
+    hold the other budgets, not this one). Values for which no plan exists
+    (:class:`InfeasibleBudgetError`) are skipped, so the result may be shorter than ``values``;
+    each plan records its point in ``plan.meta["sweep"] = {"budget", "value", "index"}`` (``index``
+    into ``values``) and, as always, in ``plan.budgets``. Bad input still raises ``ValueError``.
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}: use one of {sorted(BUDGETS)}")
+    if budget in solve_kwargs:
+        raise ValueError(f"{budget!r} is swept; do not pass it in solve_kwargs as well")
+    plans: list[QuantPlan] = []
+    for index, value in enumerate(values):
+        try:
+            plan = solve(sensitivity, costs, **{budget: value}, **solve_kwargs)
+        except InfeasibleBudgetError:
+            continue
+        plan.meta["sweep"] = {"budget": budget, "value": float(value), "index": index}
+        plans.append(plan)
+    return plans
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_budget_values(given: Mapping[str, float | None]) -> dict[str, float]:
+    """Check that every budget set in ``given`` (by its :data:`BUDGETS` name) is a finite number > 0.
+
+    Returns only the budgets that are set, as floats; ``None`` means "no such budget".
+    """
+    budgets: dict[str, float] = {}
+    for name, value in given.items():
+        if name not in BUDGETS:
+            raise ValueError(f"unknown budget {name!r}: use one of {sorted(BUDGETS)}")
+        if value is None:
+            continue
+        number = _real(value)
+        if number is None or not math.isfinite(number) or number <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        budgets[name] = number
+    return budgets
+
+
+def _check_budgets(costs: CostTable, given: Mapping[str, float | None]) -> dict[str, float]:
+    """Validate the given budgets against the cost table; return only those set, as floats."""
+    budgets = check_budget_values(given)
+    for name in budgets:
+        metric = BUDGETS[name]
+        if not costs.has_metric(metric):
+            raise ValueError(
+                f"{name} needs {metric!r}, but the target {costs.target!r} gives no such metric "
+                "(its cost table lacks it for some layer/option)"
+            )
+    return budgets
+
+
+def _check_objective_args(costs: CostTable, cost_weight: float, cost_metric: str, time_limit_s: float | None) -> float:
+    """Validate ``cost_weight``, ``cost_metric`` and ``time_limit_s``; return ``cost_weight`` as float."""
+    weight = _real(cost_weight)
+    if weight is None or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight!r}")
+    if cost_metric not in COST_METRICS:
+        raise ValueError(f"unknown cost_metric {cost_metric!r}: use one of {list(COST_METRICS)}")
+    if weight > 0 and not costs.has_metric(cost_metric):
+        raise ValueError(f"cost_metric {cost_metric!r}: the target {costs.target!r} gives no such metric")
+    if time_limit_s is not None:
+        limit = _real(time_limit_s)
+        if limit is None or not math.isfinite(limit) or limit <= 0:
+            raise ValueError(f"time_limit_s must be a finite number > 0 or None, got {time_limit_s!r}")
+    return weight
+
+
+def _resolve_options(sensitivity: SensitivityTable, costs: CostTable, options: Sequence[str] | None) -> list[str]:
+    """The candidate options: ``options`` or ``costs.options``, checked against both tables.
+
+    Every layer of ``costs`` must already have a sensitivity row (see :func:`_check_layers`).
+    """
+    names = list(costs.options) if options is None else [options] if isinstance(options, str) else list(options)
+    if not names:
+        raise ValueError("options must name at least one option, e.g. ['w4a8', 'w8a8']")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"options lists {duplicates} more than once")
+    unknown = [name for name in names if name not in costs.options]
+    if unknown:
+        raise ValueError(f"options {unknown} are not in the cost table (it has {list(costs.options)})")
+    for layer in costs.layers:
+        missing = [name for name in names if name not in costs.costs[layer]]
+        if missing:
+            raise ValueError(f"cost table has no entry for layer {layer!r} at options {missing}")
+        missing = [name for name in names if name not in sensitivity.scores[layer]]
+        if missing:
+            raise ValueError(f"sensitivity table has no score for layer {layer!r} at options {missing}")
+    return names
+
+
+def _check_layers(sensitivity: SensitivityTable, costs: CostTable) -> list[str]:
+    """The layers of ``costs``; each must have a sensitivity row and an 8-bit weight size."""
+    layers = costs.layers
+    if not layers:
+        raise ValueError("the cost table has no layers")
+    missing = [layer for layer in layers if layer not in sensitivity.scores]
+    if missing:
+        raise ValueError(f"sensitivity table has no row for layers {missing}")
+    missing = [layer for layer in layers if layer not in costs.int8_weight_bytes]
+    if missing:
+        raise ValueError(f"cost table has no int8_weight_bytes for layers {missing}")
+    return layers
+
+
+def _tie_units(layers: Sequence[str], tie_groups: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Partition layer indices into units that share one option (union of overlapping tie groups)."""
+    if isinstance(tie_groups, str):
+        raise ValueError("tie_groups must be a list of lists of layer names, e.g. [['fc1', 'fc2']]")
+    index = {layer: i for i, layer in enumerate(layers)}
+    parent = list(range(len(layers)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in tie_groups:
+        if isinstance(group, str):
+            raise ValueError(f"each tie group must be a list of layer names, got the string {group!r}")
+        names = list(group)
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise ValueError(f"tie group {names} names unknown layers {unknown}")
+        for name in names[1:]:
+            parent[root(index[name])] = root(index[names[0]])
+    units: dict[int, list[int]] = {}
+    for i in range(len(layers)):
+        units.setdefault(root(i), []).append(i)
+    return list(units.values())
+
+
+def _value(costs: CostTable, layer: str, option: str, metric: str) -> float:
+    """One finite cost value, or ValueError naming where it is missing."""
+    value = getattr(costs.costs[layer][option], metric)
+    number = _real(value)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"cost table: {metric} of layer {layer!r} at {option!r} is {value!r}, not a finite number")
+    return number
+
+
+def _score(sensitivity: SensitivityTable, layer: str, option: str) -> float:
+    """One finite sensitivity score, or ValueError."""
+    value = sensitivity.scores[layer][option]
+    number = _real(value)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"sensitivity of layer {layer!r} at {option!r} is {value!r}, not a finite number")
+    return number
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (numpy scalars too, bools not), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _build_model(
+    sensitivity: SensitivityTable,
+    costs: CostTable,
+    options: Sequence[str] | None,
+    tie_groups: Sequence[Sequence[str]],
+    budgets: Mapping[str, float],
+    cost_weight: float,
+    cost_metric: str,
+) -> _Model:
+    """Validate the tables and gather per-unit objective and metric tables."""
+    layers = _check_layers(sensitivity, costs)
+    names = _resolve_options(sensitivity, costs, options)
+    units = _tie_units(layers, tie_groups)
+    int8_bytes = math.fsum(float(costs.int8_weight_bytes[layer]) for layer in layers)
+    if not math.isfinite(int8_bytes) or int8_bytes <= 0:
+        raise ValueError(f"the layers' int8_weight_bytes must add up to a positive number, got {int8_bytes!r}")
+    needed = {"weight_bytes", "bops", *(BUDGETS[name] for name in budgets)}
+    if cost_weight > 0:
+        needed.add(cost_metric)
+    per_layer = {
+        metric: [[_value(costs, layer, option, metric) for option in names] for layer in layers] for metric in needed
+    }
+    scores = [[_score(sensitivity, layer, option) for option in names] for layer in layers]
+    if cost_weight > 0:
+        cost = per_layer[cost_metric]
+        scores = [
+            [s + cost_weight * c for s, c in zip(srow, crow, strict=True)]
+            for srow, crow in zip(scores, cost, strict=True)
+        ]
+    limits = {name: value * int8_bytes if name == "compression_ratio" else value for name, value in budgets.items()}
+    return _Model(
+        layers=layers,
+        options=names,
+        units=units,
+        objective=_unit_table(scores, units),
+        metrics={metric: _unit_table(table, units) for metric, table in per_layer.items()},
+        limits=limits,
+        int8_bytes=int8_bytes,
+    )
+
+
+def _unit_table(per_layer: Table, units: Sequence[Sequence[int]]) -> Table:
+    """Sum a per-layer table over the members of each unit."""
+    n_options = len(per_layer[0])
+    return [[math.fsum(per_layer[i][o] for i in unit) for o in range(n_options)] for unit in units]
+
+
+def _budget_rows(model: _Model, budgets: Mapping[str, float]) -> list[tuple[Table, float]]:
+    """(metric table, limit) for each given budget."""
+    return [(model.metrics[BUDGETS[name]], model.limits[name]) for name in budgets]
+
+
+def _normalised(table: Table) -> Table:
+    """Shift each row to a minimum of 0 and scale so the rows' ranges add up to ``_OBJECTIVE_SCALE``."""
+    shifted = [[value - min(row) for value in row] for row in table]
+    span = math.fsum(max(row) for row in shifted)
+    factor = _OBJECTIVE_SCALE / span if span > 0 else 0.0
+    return [[value * factor for value in row] for row in shifted]
+
+
+def _solver_objective(model: _Model) -> Table:
+    """The normalised objective plus a tie-break that prefers fewer weight bytes within each unit."""
+    main = _normalised(model.objective)
+    weight = model.metrics["weight_bytes"]
+    step = _OBJECTIVE_SCALE * _TIE_BREAK / len(model.units)
+    objective: Table = []
+    for main_row, bytes_row in zip(main, weight, strict=True):
+        levels = sorted(set(bytes_row))
+        rank = {value: i / max(1, len(levels) - 1) for i, value in enumerate(levels)}
+        objective.append([m + step * rank[b] for m, b in zip(main_row, bytes_row, strict=True)])
+    return objective
+
+
+# ----------------------------------------------------------------------------- solving
+
+
+def _cbc(time_limit_s: float | None) -> pulp.LpSolver:
+    """PuLP's bundled CBC, quiet, with a zero relative gap (silences PuLP's v4 deprecation note)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, gapRel=0, timeLimit=time_limit_s)
+
+
+def _binary(prob: pulp.LpProblem, name: str) -> pulp.LpVariable:
+    """A binary variable of ``prob`` (``prob.add_variable`` on PuLP >= 3.3, ``LpVariable`` before)."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, cat=pulp.LpBinary)
+    return pulp.LpVariable(name, cat=pulp.LpBinary)
+
+
+def _solve_ilp(
+    objective: Table, rows: Sequence[tuple[Table, float]], time_limit_s: float | None
+) -> tuple[str, list[int] | None]:
+    """Minimise ``objective`` over one option per unit with ``sum(table) <= limit`` per row.
+
+    Returns the status (``"Optimal"``, ``"Feasible"`` when stopped on time with a solution,
+    ``"Infeasible"``, or PuLP's status name) and the chosen option index per unit (or ``None``).
+    """
+    n_options = len(objective[0])
+    prob = pulp.LpProblem("ohq_plan", pulp.LpMinimize)
+    x = [[_binary(prob, f"x_{u}_{o}") for o in range(n_options)] for u in range(len(objective))]
+    prob += pulp.lpSum(
+        c * v for crow, vrow in zip(objective, x, strict=True) for c, v in zip(crow, vrow, strict=True) if c != 0
+    )
+    for u, vrow in enumerate(x):
+        prob += pulp.lpSum(vrow) == 1, f"one_{u}"
+    for k, (table, limit) in enumerate(rows):
+        terms = [
+            (value / limit * _ROW_SCALE, v)
+            for trow, vrow in zip(table, x, strict=True)
+            for value, v in zip(trow, vrow, strict=True)
+            if value
+        ]
+        if terms:
+            prob += pulp.lpSum(c * v for c, v in terms) <= _ROW_SCALE, f"budget_{k}"
+    prob.solve(_cbc(time_limit_s))
+    status = _status_name(prob)
+    if status not in ("Optimal", "Feasible"):
+        return status, None
+    return status, [max(range(n_options), key=lambda o, vrow=vrow: vrow[o].value() or 0.0) for vrow in x]
+
+
+def _status_name(prob: pulp.LpProblem) -> str:
+    """PuLP's status, with 'Feasible' for a solution found before CBC stopped on time."""
+    if prob.status == pulp.LpStatusOptimal:
+        return "Feasible" if prob.sol_status == pulp.LpSolutionIntegerFeasible else "Optimal"
+    return str(pulp.LpStatus.get(prob.status, prob.status))
+
+
+def _totals(model: _Model, choice: Sequence[int]) -> dict[str, float]:
+    """Per-metric totals of a choice (one option index per unit)."""
+    return {metric: math.fsum(table[u][o] for u, o in enumerate(choice)) for metric, table in model.metrics.items()}
+
+
+def _within(total: float, limit: float) -> bool:
+    """``total <= limit`` up to float rounding."""
+    return total <= limit + _BUDGET_RTOL * max(abs(limit), abs(total))
+
+
+def _prefer_fewer_bytes(model: _Model, choice: list[int], rows: Sequence[tuple[Table, float]]) -> list[int]:
+    """Move units to an option with the same objective and fewer weight bytes while budgets allow."""
+    choice = list(choice)
+    weight = model.metrics["weight_bytes"]
+    used = [math.fsum(table[u][o] for u, o in enumerate(choice)) for table, _ in rows]
+    changed = True
+    while changed:
+        changed = False
+        for u, current in enumerate(choice):
+            here = model.objective[u][current]
+            candidates = sorted(
+                (o for o in range(len(model.options)) if weight[u][o] < weight[u][current]),
+                key=lambda o, u=u: weight[u][o],
+            )
+            for o in candidates:
+                if not math.isclose(model.objective[u][o], here, rel_tol=_TIE_RTOL, abs_tol=0.0):
+                    continue
+                moved = [total - table[u][current] + table[u][o] for total, (table, _) in zip(used, rows, strict=True)]
+                if all(_within(total, limit) for total, (_, limit) in zip(moved, rows, strict=True)):
+                    choice[u], used, changed = o, moved, True
+                    break
+    return choice
+
+
+def _check_choice_meets_budgets(model: _Model, choice: Sequence[int], budgets: Mapping[str, float]) -> None:
+    """Guard against a solver answer that breaks a budget beyond float rounding."""
+    totals = _totals(model, choice)
+    for name in budgets:
+        total, limit = totals[BUDGETS[name]], model.limits[name]
+        if not _within(total, limit):
+            raise RuntimeError(
+                f"the ILP solver returned a plan with {BUDGETS[name]} {total!r} over the {name} limit {limit!r} "
+                "(numerical tolerance); try a slightly different budget"
+            )
+
+
+# ----------------------------------------------------------------------------- infeasibility
+
+
+def _smallest_feasible(
+    model: _Model, name: str, budgets: Mapping[str, float], time_limit_s: float | None
+) -> tuple[float, bool]:
+    """Smallest feasible value of budget ``name``; True when the other budgets could be held."""
+    table = model.metrics[BUDGETS[name]]
+    others = [row for other, row in zip(budgets, _budget_rows(model, budgets), strict=True) if other != name]
+    value, held = None, False
+    if others:
+        _, choice = _solve_ilp(_normalised(table), others, time_limit_s)
+        if choice is not None:
+            value, held = math.fsum(table[u][o] for u, o in enumerate(choice)), True
+    if value is None:
+        value = math.fsum(min(row) for row in table)
+    if name == "compression_ratio":
+        value /= model.int8_bytes
+    return value, held
+
+
+def _infeasible_error(
+    model: _Model, budgets: Mapping[str, float], time_limit_s: float | None
+) -> InfeasibleBudgetError | RuntimeError:
+    """The error to raise when the main program is infeasible."""
+    if not budgets:
+        return RuntimeError("the ILP solver (CBC) reported an infeasible program without budgets")
+    smallest: dict[str, float] = {}
+    parts = []
+    for name in budgets:
+        value, held = _smallest_feasible(model, name, budgets, time_limit_s)
+        smallest[name] = value
+        note = ""
+        if len(budgets) > 1:
+            note = " (with the other budgets held)" if held else " (alone: the other budgets could not be held)"
+        parts.append(f"the smallest feasible {name} is {_format_up(value)}{note}")
+    given = ", ".join(f"{name}: {value:.6g}" for name, value in budgets.items())
+    message = f"no plan meets the budgets {{{given}}}: " + "; ".join(parts)
+    return InfeasibleBudgetError(message, smallest, budgets)
+
+
+def _format_up(value: float) -> str:
+    """``value`` to 6 significant digits, rounded up so the printed number is never below it."""
+    text = f"{value:.6g}"
+    if float(text) >= value:
+        return text
+    step = 10.0 ** (math.floor(math.log10(abs(value))) - 5)
+    return f"{value + step:.6g}"
+
+
+# ----------------------------------------------------------------------------- result
+
+
+def _make_plan(
+    model: _Model,
+    choice: Sequence[int],
+    sensitivity: SensitivityTable,
+    costs: CostTable,
+    budgets: Mapping[str, float],
+    *,
+    status: str,
+    meta: dict[str, Any],
+) -> QuantPlan:
+    """Build the :class:`QuantPlan`, recomputing every total from the assignment."""
+    option_of = {model.layers[i]: model.options[choice[u]] for u, unit in enumerate(model.units) for i in unit}
+    assignment = {layer: option_of[layer] for layer in model.layers}
+    rows = [_layer_row(layer, option, sensitivity, costs) for layer, option in assignment.items()]
+    weight_bytes = math.fsum(row["weight_bytes"] for row in rows)
+    predicted = {
+        "size_ratio": weight_bytes / model.int8_bytes,
+        "weight_bytes": weight_bytes,
+        "bops": math.fsum(row["bops"] for row in rows),
+        "sensitivity": math.fsum(row["sensitivity"] for row in rows),
+    }
+    for metric in ("latency_ms", "energy_mj"):
+        if costs.has_metric(metric):
+            predicted[metric] = math.fsum(row[metric] for row in rows)
+    return QuantPlan(
+        assignment=assignment,
+        predicted=predicted,
+        budgets=dict(budgets),
+        status=status,
+        target=costs.target,
+        options=list(model.options),
+        layers=rows,
+        meta=meta,
+    )
+
+
+def _layer_row(layer: str, option: str, sensitivity: SensitivityTable, costs: CostTable) -> dict[str, Any]:
+    """One report row: the layer's option, score and costs."""
+    cost = costs.costs[layer][option]
+    return {
+        "name": layer,
+        "option": option,
+        "sensitivity": float(sensitivity.scores[layer][option]),
+        "weight_bytes": float(cost.weight_bytes),
+        "bops": float(cost.bops),
+        "latency_ms": None if cost.latency_ms is None else float(cost.latency_ms),
+        "energy_mj": None if cost.energy_mj is None else float(cost.energy_mj),
+        "source": cost.source,
+    }

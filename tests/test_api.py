@@ -1,0 +1,137 @@
+import itertools
+
+import pytest
+import torch
+from conftest import same_state, state_snapshot
+from torch import nn
+
+import ohq_lightning as ohq
+from ohq_lightning.__main__ import main
+
+FAST = {"num_samples": 8, "distill_steps": 5, "progress": False}
+
+
+def test_search_meets_the_compression_ratio_with_a_mixed_plan(tiny_net, tiny_input):
+    before = state_snapshot(tiny_net)
+    plan = ohq.search(tiny_net, tiny_input, compression_ratio=0.6, **FAST)
+    assert plan.predicted["size_ratio"] <= 0.6 + 1e-9
+    assert set(plan.assignment) == {"stem.0", "dw.0", "grouped.0", "fc"}
+    assert len(set(plan.assignment.values())) > 1
+    assert {"layers", "costs", "synthetic", "sensitivity", "solve"} <= set(plan.meta["timings_s"])
+    assert plan.layers[0]["type"] == "Conv2d" and "scores" in plan.layers[0]
+    assert plan.predicted["latency_ms"] > 0 and plan.budgets == {"compression_ratio": 0.6}
+    assert same_state(tiny_net, before) and not ohq.quantized_layers(tiny_net)
+    assert ohq.QuantPlan.from_json(plan.to_json()) == plan
+
+
+def test_lowering_the_ratio_never_lowers_total_sensitivity(tiny_net, tiny_input):
+    totals = [
+        ohq.search(tiny_net, tiny_input, compression_ratio=r, synthetic="gaussian", **FAST).predicted["sensitivity"]
+        for r in (1.0, 0.75, 0.5, 0.3)
+    ]
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(totals))
+    assert totals[-1] > totals[0]
+
+
+def test_searched_plan_applies_and_runs(tiny_net, tiny_input):
+    plan = ohq.search(tiny_net, tiny_input, compression_ratio=0.5, options=["w8a8", "w4a8", "w2a8"], **FAST)
+    ohq.apply_plan(tiny_net, plan)
+    assert tiny_net(tiny_input).shape == (1, 10)
+    assert {n: layer.option for n, layer in ohq.quantized_layers(tiny_net).items()} == plan.assignment
+
+
+def test_infeasible_budget_names_the_smallest_feasible_ratio(tiny_net, tiny_input):
+    with pytest.raises(ohq.InfeasibleBudgetError, match=r"smallest feasible compression_ratio is 0\.25") as info:
+        ohq.search(tiny_net, tiny_input, compression_ratio=0.1, **FAST)
+    assert info.value.smallest_feasible["compression_ratio"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"compression_ratio": -0.5}, "compression_ratio must be a finite number > 0"),
+        ({"compression_ratio": 0.0}, "compression_ratio must be a finite number > 0"),
+        ({"compression_ratio": 1.5}, r"compression_ratio must be in \(0, 1\]"),
+        ({"compression_ratio": float("nan")}, "finite number"),
+        ({"latency_budget": -1.0}, "latency_budget must be a finite number > 0"),
+        ({"options": ["w1a8", "w8a8"]}, "between 2 and 8"),
+        ({"options": ["w9a8"]}, "between 2 and 8"),
+        ({"options": ["int4"]}, "unknown option"),
+        ({"sensitivity": "hessian"}, "sensitivity method"),
+        ({"synthetic": "imagenet"}, "synthetic input kind"),
+        ({"target": "fpga9000"}, "unknown hardware target"),
+    ],
+)
+def test_bad_arguments_are_clear_errors_and_change_nothing(tiny_net, tiny_input, kwargs, message):
+    tiny_net.train()
+    before = state_snapshot(tiny_net)
+    with pytest.raises(ValueError, match=message):
+        ohq.search(tiny_net, tiny_input, **{**FAST, **kwargs})
+    assert same_state(tiny_net, before) and tiny_net.training
+
+
+def test_bad_models_and_inputs_are_clear_errors(tiny_net):
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        ohq.search(nn.Sequential(nn.ReLU()), torch.randn(1, 3), **FAST)
+    before = state_snapshot(tiny_net)
+    with pytest.raises(ValueError, match="does not run"):
+        ohq.search(tiny_net, torch.randn(1, 4, 16, 16), **FAST)
+    assert same_state(tiny_net, before)
+
+
+def test_a_custom_hardware_target_plugs_into_the_seam(tiny_net, tiny_input):
+    class SlowLowBits(ohq.AnalyticalTarget):
+        def cost(self, layer, option):
+            cost = super().cost(layer, option)
+            cost.latency_ms = 1.0 if option.name == "w8a8" else 3.0  # sub-8-bit is slower on this "device"
+            cost.source = "table"
+            return cost
+
+    target = SlowLowBits(name="slow-low-bits", options=("w8a8", "w4a8"))
+    assert isinstance(target, ohq.HardwareTarget)
+    plan = ohq.search(tiny_net, tiny_input, target=target, latency_budget=4.5, **FAST)
+    assert plan.target == "slow-low-bits" and plan.predicted["latency_ms"] <= 4.5
+    assert list(plan.assignment.values()).count("w4a8") == 0
+
+
+def test_module_entry_point_prints_a_plan(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    code = main(
+        [
+            "--model",
+            "resnet10t",
+            "--input-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--synthetic",
+            "gaussian",
+            "--num-samples",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "| layer" in printed and "size_ratio=" in printed
+    assert ohq.QuantPlan.from_json(out).predicted["size_ratio"] <= 0.6
+
+
+def test_module_entry_point_reports_infeasible_budgets(capsys):
+    code = main(
+        [
+            "--model",
+            "resnet10t",
+            "--input-size",
+            "32",
+            "--compression-ratio",
+            "0.05",
+            "--synthetic",
+            "gaussian",
+            "--num-samples",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "smallest feasible compression_ratio" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+import pytest
+
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
+
+
+def test_option_parse_names_bits_and_floats():
+    assert Option.parse("w4a8") == Option(name="w4a8", weight_bits=4, act_bits=8)
+    assert Option.parse("W8").act_bits is None
+    assert Option.parse("bf16").is_float and Option.parse("bf16").weight_storage_bits == 16
+    assert Option.parse("w2a8").act_storage_bits == 8
+    assert Option.parse("w4").act_storage_bits == 32
+
+
+@pytest.mark.parametrize("name", ["w1a8", "w9a8", "w8a1", "w8a9", "int8", "", "fp64"])
+def test_option_parse_rejects_unsupported(name):
+    with pytest.raises(ValueError, match=r"bits|unknown option"):
+        Option.parse(name)
+
+
+def test_parse_options_rejects_duplicates_and_empty():
+    with pytest.raises(ValueError, match="twice"):
+        parse_options(["w8a8", "W8A8"])
+    with pytest.raises(ValueError, match="at least one"):
+        parse_options([])
+
+
+def test_layer_info_size_and_bops():
+    layer = LayerInfo("c", "Conv2d", "conv", [1, 3, 8, 8], [1, 4, 8, 8], [4, 3, 3, 3], 108, 0, macs=6912)
+    assert layer.weight_bytes(Option.parse("w4a8")) == 54
+    assert layer.weight_bytes(Option.parse("fp32")) == 432
+    assert layer.bops(Option.parse("w4a8")) == 6912 * 32
+
+
+def test_tables_and_plan_round_trip_through_json(tmp_path):
+    layer = LayerInfo("c", "Conv2d", "conv", [1, 3, 8, 8], [1, 4, 8, 8], [4, 3, 3, 3], 108, 4, macs=6912)
+    assert LayerInfo.from_json(layer.to_json()) == layer
+    costs = CostTable(
+        target="analytical",
+        options=["w8a8", "w4a8"],
+        costs={"c": {"w8a8": LayerCost(108.0, 1.0, 0.1, 0.2), "w4a8": LayerCost(54.0, 0.5, None, None, "table")}},
+        int8_weight_bytes={"c": 108.0},
+        meta={"note": "x"},
+    )
+    again = CostTable.from_json(costs.to_json())
+    assert again == costs and isinstance(again.costs["c"]["w4a8"], LayerCost)
+    scores = SensitivityTable("mqe-quantize", {"c": {"w8a8": 0.0, "w4a8": 0.5}}, {"seed": 0})
+    assert SensitivityTable.from_json(scores.to_json()) == scores
+    plan = QuantPlan({"c": "w4a8"}, {"size_ratio": 0.5}, {"compression_ratio": 0.5}, layers=[{"name": "c"}])
+    path = plan.save(tmp_path / "sub" / "plan.json")
+    assert QuantPlan.from_json(path) == plan
+    assert QuantPlan.from_json(str(path)) == plan
+    assert plan.option_counts() == {"w4a8": 1}

@@ -1,0 +1,166 @@
+import pytest
+import torch
+from conftest import make_tiny_net, same_state, state_snapshot
+from timm import layers as timm_layers
+from torch import nn
+
+from ohq_lightning.quant import (
+    ActivationFakeQuant,
+    QuantLayer,
+    WeightFakeQuant,
+    apply_plan,
+    calibrate,
+    quantized_layers,
+    strip_plan,
+)
+
+PLAN = {"stem.0": "w8a8", "dw.0": "w4a8", "grouped.0": "w2a8", "fc": "fp32"}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_fake_quant_uses_at_most_2_to_the_bits_levels_per_channel(bits):
+    weight = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(bits))
+    quantizer = WeightFakeQuant(weight, bits)
+    quantized = quantizer(weight).detach()
+    for channel in range(weight.shape[0]):
+        levels = torch.round(quantized[channel] / quantizer.scale[channel]).unique()
+        assert levels.numel() <= 2**bits
+        assert levels.min() >= -(2 ** (bits - 1)) and levels.max() <= 2 ** (bits - 1) - 1
+    error = (quantized - weight).pow(2).mean()
+    assert error < weight.pow(2).mean() * (0.6 if bits == 2 else 0.2)
+
+
+def test_lower_bits_give_larger_weight_error():
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    errors = [float((WeightFakeQuant(weight, b)(weight).detach() - weight).pow(2).mean()) for b in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_activation_quant_is_unsigned_for_nonnegative_input_and_signed_otherwise():
+    positive = torch.rand(4, 100)
+    quantizer = ActivationFakeQuant(4)
+    quantizer.calibrate_from(positive)
+    assert not bool(quantizer.signed)
+    assert torch.round(quantizer(positive) / quantizer.scale).unique().numel() <= 16
+    signed = ActivationFakeQuant(4)
+    signed.calibrate_from(torch.randn(4, 100))
+    assert bool(signed.signed)
+
+
+def test_straight_through_gradients_reach_weights_inputs_and_step_sizes():
+    layer = QuantLayer(nn.Linear(5, 3), "w4a8")
+    x = torch.randn(8, 5, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert layer.module.weight.grad is not None and layer.module.weight.grad.abs().sum() > 0
+    assert layer.weight_quantizer.scale.grad is not None
+    assert layer.input_quantizer.scale.grad is not None
+
+
+def test_apply_plan_keeps_the_original_parameters_and_strip_restores_the_model(tiny_net, tiny_input):
+    reference = tiny_net(tiny_input)
+    weights = {name: module.weight for name, module in tiny_net.named_modules() if hasattr(module, "weight")}
+    apply_plan(tiny_net, PLAN)
+    swapped = quantized_layers(tiny_net)
+    assert sorted(swapped) == ["dw.0", "grouped.0", "stem.0"]  # fp32 leaves the layer as it is
+    assert isinstance(tiny_net.fc, nn.Linear)
+    for name, layer in swapped.items():
+        assert layer.module.weight is weights[name] and layer.option == PLAN[name]
+    assert not torch.allclose(tiny_net(tiny_input), reference)
+    strip_plan(tiny_net)
+    assert not quantized_layers(tiny_net)
+    assert torch.equal(tiny_net(tiny_input), reference)
+    assert tiny_net.stem[0].weight is weights["stem.0"]
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_an_optimizer_built_before_or_after_the_swap_trains_the_swapped_weights(before, tiny_input):
+    model = make_tiny_net().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if before else None
+    start = {name: model.get_submodule(name).weight.detach().clone() for name in PLAN}
+    apply_plan(model, PLAN)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3, 16, 16)).logsumexp(dim=1).mean().backward()
+    optimizer.step()
+    for name in PLAN:
+        layer = model.get_submodule(name)
+        weight = layer.module.weight if isinstance(layer, QuantLayer) else layer.weight
+        assert not torch.equal(weight.detach(), start[name]), name
+
+
+def test_bad_plans_are_rejected_before_anything_changes(tiny_net):
+    before = state_snapshot(tiny_net)
+    for plan, message in [
+        ({"stem.0": "w4a8", "nope": "w8a8"}, "does not have"),
+        ({"stem.0": "w4a8", "fc": "w9a8"}, "between 2 and 8"),
+        ({"stem.0": "w4a8", "stem.1": "w8a8"}, "cannot be quantized"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            apply_plan(tiny_net, plan)
+        assert not quantized_layers(tiny_net) and same_state(tiny_net, before)
+    apply_plan(tiny_net, {"fc": "w8a8"})
+    with pytest.raises(ValueError, match="already quantized"):
+        apply_plan(tiny_net, {"fc": "w4a8"})
+
+
+def test_a_module_shared_under_two_names_is_swapped_everywhere():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    apply_plan(model, {"0": "w4a8"})
+    assert model[0] is model[2] and isinstance(model[0], QuantLayer)
+    strip_plan(model)
+    assert model[0] is shared and model[2] is shared
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: timm_layers.Conv2dSame(3, 4, 3, stride=2),
+        lambda: timm_layers.StdConv2d(3, 4, 3, padding=1),
+        lambda: timm_layers.ScaledStdConv2d(3, 4, 3, padding=1),
+    ],
+)
+def test_timm_subclasses_keep_computing_what_they_computed(make):
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(2, 3, 9, 9)
+    reference = module(x)
+    model = nn.Sequential(module)
+    apply_plan(model, {"0": "w8"})  # 8-bit weights only: close to the float layer
+    out = model(x)
+    assert out.shape == reference.shape
+    assert torch.allclose(out, reference, atol=0.05 * reference.abs().max().item())
+    strip_plan(model)
+    assert torch.equal(model(x), reference)
+
+
+def test_calibrate_sets_activation_ranges_from_batches(tiny_net):
+    apply_plan(tiny_net, {"stem.0": "w8a8", "dw.0": "w8a4"})
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    assert calibrate(tiny_net, batches, progress=False) == 3
+    stem, dw = tiny_net.stem[0].input_quantizer, tiny_net.dw[0].input_quantizer
+    assert bool(stem.calibrated) and bool(stem.signed)
+    assert bool(dw.calibrated) and not bool(dw.signed)  # after ReLU
+    assert 0 < float(dw.scale.detach()) < 1
+
+
+def test_bf16_option_rounds_through_bfloat16():
+    layer = QuantLayer(nn.Linear(4, 4), "bf16")
+    x = torch.randn(3, 4)
+    expected = nn.functional.linear(x.bfloat16().float(), layer.module.weight.bfloat16().float(), layer.module.bias)
+    assert torch.allclose(layer(x), expected)
+
+
+def test_forward_keyword_arguments_pass_through():
+    class KeywordNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, *, scale=1.0):
+            return self.fc(x) * scale
+
+    model = KeywordNet()
+    apply_plan(model, {"fc": "w4a8"})
+    x = torch.randn(3, 4)
+    assert torch.allclose(model(x, scale=2.0), 2 * model(x))

@@ -1,0 +1,518 @@
+"""Tests for :mod:`ohq_lightning.solver`: the ILP against brute force, budgets, ties, errors, sweeps."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+import random
+import re
+
+import pytest
+
+from ohq_lightning.plan import CostTable, LayerCost, QuantPlan, SensitivityTable
+from ohq_lightning.solver import BUDGETS, InfeasibleBudgetError, pareto_sweep, solve
+
+OPTION_POOL = {"w2a8": 2, "w3a8": 3, "w4a8": 4, "w5a8": 5, "w6a8": 6, "w8a8": 8}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def make_tables(
+    n_layers: int,
+    options: list[str],
+    seed: int,
+    *,
+    zero_layers: tuple[int, ...] = (),
+    latency: bool = True,
+    energy: bool = True,
+    monotone: bool = True,
+) -> tuple[SensitivityTable, CostTable]:
+    """Random tables; ``monotone`` makes costs grow and scores fall with the bits, else all is random."""
+    rng = random.Random(seed)
+    scores: dict[str, dict[str, float]] = {}
+    costs: dict[str, dict[str, LayerCost]] = {}
+    int8: dict[str, float] = {}
+    for i in range(n_layers):
+        name = f"block{i}.conv"
+        numel = rng.randint(16, 4096)
+        macs = numel * rng.randint(1, 64)
+        int8[name] = float(numel)
+        costs[name] = {}
+        scores[name] = {}
+        for option in options:
+            bits = OPTION_POOL[option] if monotone else rng.randint(2, 8)
+            costs[name][option] = LayerCost(
+                weight_bytes=numel * bits / 8.0,
+                bops=float(macs * bits * 8),
+                latency_ms=macs * bits * rng.uniform(0.5, 1.5) * 1e-5 if latency else None,
+                energy_mj=macs * bits * rng.uniform(0.5, 1.5) * 1e-7 if energy else None,
+                source="analytical",
+            )
+            score = rng.uniform(0.0, 1.0) * (2.0 ** -OPTION_POOL[option] if monotone else 1.0)
+            scores[name][option] = 0.0 if i in zero_layers else score
+    return SensitivityTable(method="kl", scores=scores), CostTable(
+        target="test-target", options=list(options), costs=costs, int8_weight_bytes=int8
+    )
+
+
+def metric_total(costs: CostTable, assignment: dict[str, str], metric: str) -> float:
+    """Sum of one metric over an assignment."""
+    return math.fsum(getattr(costs.costs[layer][option], metric) for layer, option in assignment.items())
+
+
+def limit_of(costs: CostTable, name: str, value: float) -> float:
+    """The bound a budget puts on its metric total."""
+    return value * sum(costs.int8_weight_bytes.values()) if name == "compression_ratio" else value
+
+
+def objective(
+    sens: SensitivityTable, costs: CostTable, assignment: dict[str, str], cost_weight: float, cost_metric: str
+) -> float:
+    """The solver's objective, evaluated directly."""
+    total = math.fsum(sens.scores[layer][option] for layer, option in assignment.items())
+    return total + (cost_weight * metric_total(costs, assignment, cost_metric) if cost_weight else 0.0)
+
+
+def brute_force(
+    sens: SensitivityTable,
+    costs: CostTable,
+    budgets: dict[str, float],
+    tie_groups: list[list[str]] = (),  # type: ignore[assignment]
+    cost_weight: float = 0.0,
+    cost_metric: str = "latency_ms",
+) -> tuple[float, dict[str, str]] | None:
+    """Best (objective, assignment) over every assignment, or None when none meets the budgets."""
+    best: tuple[float, dict[str, str]] | None = None
+    for combo in itertools.product(costs.options, repeat=len(costs.layers)):
+        assignment = dict(zip(costs.layers, combo, strict=True))
+        if any(len({assignment[layer] for layer in group}) > 1 for group in tie_groups):
+            continue
+        if any(
+            metric_total(costs, assignment, BUDGETS[name]) > limit_of(costs, name, value)
+            for name, value in budgets.items()
+        ):
+            continue
+        value = objective(sens, costs, assignment, cost_weight, cost_metric)
+        if best is None or value < best[0]:
+            best = (value, assignment)
+    return best
+
+
+def brute_min_metric(costs: CostTable, metric: str, tie_groups: list[list[str]] = ()) -> float:  # type: ignore[assignment]
+    """Smallest total of a metric over all assignments that honour the tie groups."""
+    best = math.inf
+    for combo in itertools.product(costs.options, repeat=len(costs.layers)):
+        assignment = dict(zip(costs.layers, combo, strict=True))
+        if all(len({assignment[layer] for layer in group}) == 1 for group in tie_groups):
+            best = min(best, metric_total(costs, assignment, metric))
+    return best
+
+
+def random_budgets(rng: random.Random, costs: CostTable) -> dict[str, float]:
+    """One to three budgets between about 0.8x the least and 1.05x the largest achievable total."""
+    budgets = {}
+    for name in rng.sample(sorted(BUDGETS), rng.randint(1, 3)):
+        metric = BUDGETS[name]
+        low = sum(min(getattr(c, metric) for c in row.values()) for row in costs.costs.values())
+        high = sum(max(getattr(c, metric) for c in row.values()) for row in costs.costs.values())
+        value = rng.uniform(0.8 * low, 1.05 * high)
+        budgets[name] = value / sum(costs.int8_weight_bytes.values()) if name == "compression_ratio" else value
+    return budgets
+
+
+def close(a: float, b: float) -> bool:
+    """Objectives equal to 1e-6 (relative, or absolute near zero)."""
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------- optimality
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_brute_force(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    options = rng.sample(sorted(OPTION_POOL), rng.randint(2, 3))
+    n_layers = rng.randint(3, 5)
+    sens, costs = make_tables(n_layers, options, seed, monotone=seed % 2 == 0, zero_layers=(0,) if seed % 5 else ())
+    budgets = random_budgets(rng, costs)
+    tie_groups = [rng.sample(costs.layers, 2)] if seed % 3 == 0 else []
+    cost_weight = rng.choice([0.0, 0.0, 0.1, 1.0])
+    cost_metric = rng.choice(["latency_ms", "energy_mj", "bops", "weight_bytes"])
+    if cost_metric in ("bops", "weight_bytes"):
+        cost_weight *= 1e-6
+    expected = brute_force(sens, costs, budgets, tie_groups, cost_weight, cost_metric)
+    kwargs = dict(budgets, tie_groups=tie_groups, cost_weight=cost_weight, cost_metric=cost_metric)
+
+    if expected is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(sens, costs, **kwargs)
+        return
+    plan = solve(sens, costs, **kwargs)
+    assert close(objective(sens, costs, plan.assignment, cost_weight, cost_metric), expected[0])
+    for name, value in budgets.items():
+        assert metric_total(costs, plan.assignment, BUDGETS[name]) <= limit_of(costs, name, value) * (1 + 1e-9)
+    for group in tie_groups:
+        assert len({plan.assignment[layer] for layer in group}) == 1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_smallest_feasible_matches_brute_force(seed: int) -> None:
+    sens, costs = make_tables(4, ["w2a8", "w4a8", "w8a8"], 50 + seed, monotone=seed % 2 == 0)
+    name = sorted(BUDGETS)[seed % len(BUDGETS)]
+    metric = BUDGETS[name]
+    tie_groups = [costs.layers[:2]] if seed % 3 else []
+    least = brute_min_metric(costs, metric, tie_groups)
+    if name == "compression_ratio":
+        least /= sum(costs.int8_weight_bytes.values())
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, tie_groups=tie_groups, **{name: least * 0.9})
+    assert math.isclose(info.value.smallest_feasible[name], least, rel_tol=1e-9)
+    assert info.value.budgets == {name: pytest.approx(least * 0.9)}
+
+
+def test_no_budget_picks_each_layers_best_option() -> None:
+    sens, costs = make_tables(12, ["w2a8", "w4a8", "w8a8"], 7, monotone=False)
+    plan = solve(sens, costs)
+    for layer, option in plan.assignment.items():
+        assert sens.scores[layer][option] == min(sens.scores[layer].values())
+
+
+def test_zero_sensitivity_layers_take_fewest_bytes() -> None:
+    options = ["w2a8", "w4a8", "w8a8"]
+    zero = (0, 2, 5, 9)
+    sens, costs = make_tables(10, options, 3, zero_layers=zero)
+    for kwargs in ({}, {"compression_ratio": 0.8}, {"latency_budget": 1e9}, {"cost_weight": 0.0}):
+        plan = solve(sens, costs, **kwargs)
+        for i in zero:
+            assert plan.assignment[f"block{i}.conv"] == "w2a8", kwargs
+
+
+def test_all_zero_sensitivity_is_uniform_smallest() -> None:
+    sens, costs = make_tables(6, ["w8a8", "w4a8", "w2a8"], 4, zero_layers=tuple(range(6)))
+    plan = solve(sens, costs, compression_ratio=1.0)
+    assert set(plan.assignment.values()) == {"w2a8"}
+    assert plan.predicted["sensitivity"] == 0.0
+
+
+# ----------------------------------------------------------------------------- budgets and ties
+
+
+def test_tie_groups_respected() -> None:
+    sens, costs = make_tables(8, ["w2a8", "w4a8", "w8a8"], 11, monotone=False)
+    groups = [
+        ["block0.conv", "block3.conv", "block5.conv"],
+        ["block1.conv", "block2.conv"],
+        ["block2.conv", "block7.conv"],
+    ]
+    for ratio in (0.4, 0.6, 0.9):
+        plan = solve(sens, costs, compression_ratio=ratio, tie_groups=groups)
+        assert len({plan.assignment[layer] for layer in groups[0]}) == 1
+        # overlapping groups merge: 1, 2 and 7 share one option
+        assert len({plan.assignment[layer] for layer in ("block1.conv", "block2.conv", "block7.conv")}) == 1
+        assert plan.predicted["size_ratio"] <= ratio + 1e-9
+
+
+def test_compression_ratio_met_and_monotone() -> None:
+    sens, costs = make_tables(10, ["w2a8", "w3a8", "w4a8", "w6a8", "w8a8"], 21)
+    previous = -math.inf
+    for ratio in [1.0 - 0.05 * k for k in range(16)]:  # 1.0 down to 0.25 (all 2-bit)
+        plan = solve(sens, costs, compression_ratio=ratio)
+        assert plan.predicted["size_ratio"] <= ratio + 1e-9
+        assert plan.predicted["sensitivity"] >= previous - 1e-12
+        previous = plan.predicted["sensitivity"]
+    with pytest.raises(InfeasibleBudgetError):
+        solve(sens, costs, compression_ratio=0.2)
+
+
+def test_combined_budgets_all_met() -> None:
+    sens, costs = make_tables(12, ["w2a8", "w4a8", "w8a8"], 5)
+    full = solve(sens, costs)
+    budgets = {
+        "compression_ratio": 0.7,
+        "latency_budget": 0.8 * full.predicted["latency_ms"],
+        "energy_budget": 0.9 * full.predicted["energy_mj"],
+        "bops_budget": 0.85 * full.predicted["bops"],
+    }
+    plan = solve(sens, costs, **budgets)
+    assert plan.budgets == budgets
+    assert plan.predicted["size_ratio"] <= budgets["compression_ratio"] + 1e-9
+    assert plan.predicted["latency_ms"] <= budgets["latency_budget"] * (1 + 1e-9)
+    assert plan.predicted["energy_mj"] <= budgets["energy_budget"] * (1 + 1e-9)
+    assert plan.predicted["bops"] <= budgets["bops_budget"] * (1 + 1e-9)
+    assert plan.predicted["sensitivity"] >= full.predicted["sensitivity"]
+
+
+def test_cost_weight_trades_sensitivity_for_latency() -> None:
+    sens, costs = make_tables(10, ["w2a8", "w4a8", "w8a8"], 8)
+    plain = solve(sens, costs)
+    weighted = solve(sens, costs, cost_weight=1e3, cost_metric="latency_ms")
+    assert weighted.predicted["latency_ms"] <= plain.predicted["latency_ms"]
+    assert weighted.predicted["sensitivity"] >= plain.predicted["sensitivity"]
+    assert weighted.meta["cost_weight"] == 1e3
+
+
+def test_options_subset() -> None:
+    sens, costs = make_tables(6, ["w2a8", "w4a8", "w8a8"], 9)
+    plan = solve(sens, costs, options=["w4a8", "w8a8"])
+    assert set(plan.assignment.values()) <= {"w4a8", "w8a8"}
+    assert plan.options == ["w4a8", "w8a8"]
+
+
+# ----------------------------------------------------------------------------- infeasibility
+
+
+def test_infeasible_names_smallest_ratio() -> None:
+    sens, costs = make_tables(7, ["w2a8", "w4a8", "w8a8"], 13)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, compression_ratio=0.1)
+    error = info.value
+    assert isinstance(error, ValueError)
+    smallest = error.smallest_feasible["compression_ratio"]
+    assert smallest == pytest.approx(0.25)  # every layer at 2 bits
+    assert str(error) == (
+        "no plan meets the budgets {compression_ratio: 0.1}: the smallest feasible compression_ratio is 0.25"
+    )
+    plan = solve(sens, costs, compression_ratio=smallest)
+    assert plan.predicted["size_ratio"] <= smallest + 1e-9
+    with pytest.raises(InfeasibleBudgetError):
+        solve(sens, costs, compression_ratio=smallest * (1 - 1e-6))
+
+
+def test_infeasible_with_ties_and_non_uniform_minimum() -> None:
+    sens, costs = make_tables(6, ["w2a8", "w4a8", "w8a8"], 14, monotone=False)
+    groups = [costs.layers[:3]]
+    least = brute_min_metric(costs, "weight_bytes", groups) / sum(costs.int8_weight_bytes.values())
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, compression_ratio=least * 0.99, tie_groups=groups)
+    smallest = info.value.smallest_feasible["compression_ratio"]
+    assert smallest == pytest.approx(least, rel=1e-12)
+    numbers = [float(x) for x in re.findall(r"is ([0-9.e+-]+)", str(info.value))]
+    assert numbers and numbers[0] >= smallest  # the message rounds up, never down
+    solve(sens, costs, compression_ratio=smallest, tie_groups=groups)
+    solve(sens, costs, compression_ratio=numbers[0], tie_groups=groups)
+    with pytest.raises(InfeasibleBudgetError):
+        solve(sens, costs, compression_ratio=smallest * (1 - 1e-6), tie_groups=groups)
+
+
+def test_infeasible_pair_reports_each_with_the_other_held() -> None:
+    sens, costs = make_tables(8, ["w2a8", "w4a8", "w8a8"], 15, monotone=False)
+    lat_min = brute_min_metric(costs, "latency_ms")
+    ratio_min = brute_min_metric(costs, "weight_bytes") / sum(costs.int8_weight_bytes.values())
+    budgets = {"compression_ratio": ratio_min * 1.02, "latency_budget": lat_min * 1.02}
+    try:
+        solve(sens, costs, **budgets)
+    except InfeasibleBudgetError as error:
+        assert set(error.smallest_feasible) == set(budgets)
+        assert "with the other budgets held" in str(error)
+        for name, value in error.smallest_feasible.items():
+            assert value > budgets[name]
+            solve(sens, costs, **{**budgets, name: value})  # feasible with the other held
+    else:
+        pytest.skip("this instance happens to be feasible")
+
+
+def test_infeasible_falls_back_to_alone() -> None:
+    sens, costs = make_tables(5, ["w2a8", "w4a8", "w8a8"], 16)
+    lat_min = brute_min_metric(costs, "latency_ms")
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, compression_ratio=0.9, latency_budget=lat_min * 0.5)
+    error = info.value
+    assert error.smallest_feasible["latency_budget"] == pytest.approx(lat_min, rel=1e-9)
+    assert error.smallest_feasible["compression_ratio"] == pytest.approx(0.25)
+    assert "alone" in str(error)
+
+
+def test_infeasible_error_pickles() -> None:
+    error = InfeasibleBudgetError("msg", {"compression_ratio": 0.25}, {"compression_ratio": 0.1})
+    clone = pickle.loads(pickle.dumps(error))
+    assert str(clone) == "msg"
+    assert clone.smallest_feasible == {"compression_ratio": 0.25}
+    assert clone.budgets == {"compression_ratio": 0.1}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, math.nan, math.inf])
+def test_bad_ratio(ratio: float) -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        solve(sens, costs, compression_ratio=ratio)
+
+
+@pytest.mark.parametrize("name", ["latency_budget", "energy_budget", "bops_budget"])
+def test_non_positive_budget(name: str) -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    with pytest.raises(ValueError, match=name):
+        solve(sens, costs, **{name: 0.0})
+
+
+def test_unknown_option() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    with pytest.raises(ValueError, match="w3a8"):
+        solve(sens, costs, options=["w3a8", "w8a8"])
+
+
+def test_option_missing_from_sensitivity_row() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    del sens.scores["block1.conv"]["w4a8"]
+    with pytest.raises(ValueError, match=r"block1\.conv.*w4a8"):
+        solve(sens, costs)
+
+
+def test_layer_missing_from_sensitivity() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    del sens.scores["block2.conv"]
+    with pytest.raises(ValueError, match=r"block2\.conv"):
+        solve(sens, costs)
+
+
+@pytest.mark.parametrize(
+    ("name", "table_kwargs"), [("latency_budget", {"latency": False}), ("energy_budget", {"energy": False})]
+)
+def test_budget_on_missing_metric(name: str, table_kwargs: dict[str, bool]) -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0, **table_kwargs)
+    with pytest.raises(ValueError, match="gives no such metric"):
+        solve(sens, costs, **{name: 1.0})
+    plan = solve(sens, costs)  # fine without that budget; the missing metric is left out of predicted
+    assert BUDGETS[name] not in plan.predicted
+
+
+def test_cost_metric_missing_or_unknown() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0, latency=False)
+    with pytest.raises(ValueError, match="gives no such metric"):
+        solve(sens, costs, cost_weight=1.0, cost_metric="latency_ms")
+    with pytest.raises(ValueError, match="cost_metric"):
+        solve(sens, costs, cost_weight=1.0, cost_metric="watts")
+    with pytest.raises(ValueError, match="cost_weight"):
+        solve(sens, costs, cost_weight=-1.0)
+
+
+def test_unknown_tie_group_layer() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    with pytest.raises(ValueError, match="nope"):
+        solve(sens, costs, tie_groups=[["block0.conv", "nope"]])
+    with pytest.raises(ValueError, match="list of layer names"):
+        solve(sens, costs, tie_groups=["block0.conv"])
+
+
+def test_nan_score_rejected() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    sens.scores["block0.conv"]["w4a8"] = math.nan
+    with pytest.raises(ValueError, match="not a finite number"):
+        solve(sens, costs)
+
+
+# ----------------------------------------------------------------------------- sweep and plan
+
+
+def test_pareto_sweep_in_order_and_monotone() -> None:
+    sens, costs = make_tables(10, ["w2a8", "w4a8", "w6a8", "w8a8"], 31)
+    values = [0.1, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+    plans = pareto_sweep(sens, costs, budget="compression_ratio", values=values, tie_groups=[costs.layers[:2]])
+    assert [p.meta["sweep"]["value"] for p in plans] == values[1:]  # 0.1 is below the all-2-bit size and skipped
+    assert [p.budgets["compression_ratio"] for p in plans] == values[1:]
+    assert [p.meta["sweep"]["index"] for p in plans] == list(range(1, len(values)))
+    sensitivities = [p.predicted["sensitivity"] for p in plans]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(sensitivities))
+    for plan in plans:
+        assert plan.assignment[costs.layers[0]] == plan.assignment[costs.layers[1]]
+
+
+def test_pareto_sweep_bad_input() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    with pytest.raises(ValueError, match="unknown budget"):
+        pareto_sweep(sens, costs, budget="ratio", values=[0.5])
+    with pytest.raises(ValueError, match="swept"):
+        pareto_sweep(sens, costs, budget="compression_ratio", values=[0.5], compression_ratio=0.5)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        pareto_sweep(sens, costs, budget="compression_ratio", values=[0.5, -1.0])
+
+
+def test_plan_contents() -> None:
+    sens, costs = make_tables(5, ["w2a8", "w4a8", "w8a8"], 41)
+    plan = solve(sens, costs, compression_ratio=0.6, bops_budget=1e12)
+    assert plan.status == "Optimal"
+    assert plan.target == "test-target"
+    assert plan.budgets == {"compression_ratio": 0.6, "bops_budget": 1e12}
+    assert list(plan.assignment) == costs.layers
+    assert [row["name"] for row in plan.layers] == costs.layers
+    assert set(plan.predicted) == {"size_ratio", "weight_bytes", "bops", "sensitivity", "latency_ms", "energy_mj"}
+    assert plan.meta["solver"] == "pulp-cbc" and plan.meta["solve_s"] >= 0 and plan.meta["cost_weight"] == 0.0
+    for row in plan.layers:
+        cost = costs.costs[row["name"]][row["option"]]
+        assert row["option"] == plan.assignment[row["name"]]
+        assert row["sensitivity"] == sens.scores[row["name"]][row["option"]]
+        assert (row["weight_bytes"], row["bops"], row["latency_ms"], row["energy_mj"], row["source"]) == (
+            cost.weight_bytes,
+            cost.bops,
+            cost.latency_ms,
+            cost.energy_mj,
+            cost.source,
+        )
+    for metric in ("weight_bytes", "bops", "latency_ms", "energy_mj"):
+        assert plan.predicted[metric] == pytest.approx(metric_total(costs, plan.assignment, metric), rel=1e-12)
+    assert plan.predicted["size_ratio"] == pytest.approx(
+        plan.predicted["weight_bytes"] / sum(costs.int8_weight_bytes.values()), rel=1e-12
+    )
+
+
+def test_plan_json_round_trip(tmp_path) -> None:
+    sens, costs = make_tables(6, ["w2a8", "w4a8", "w8a8"], 42, latency=False)
+    plan = solve(sens, costs, compression_ratio=0.55, tie_groups=[costs.layers[1:3]])
+    assert QuantPlan.from_json(plan.to_json()) == plan
+    path = plan.save(tmp_path / "plans" / "plan.json")
+    assert QuantPlan.from_json(path) == plan
+
+
+def test_plan_meta_and_extra_sensitivity_layers_ignored() -> None:
+    sens, costs = make_tables(4, ["w4a8", "w8a8"], 43)
+    sens.scores["not.in.costs"] = {"w4a8": 1.0, "w8a8": 0.0}
+    plan = solve(sens, costs, tie_groups=(("block0.conv", "block1.conv"),), time_limit_s=30)
+    assert "not.in.costs" not in plan.assignment
+    assert plan.meta["tie_groups"] == [["block0.conv", "block1.conv"]]
+    assert plan.meta["time_limit_s"] == 30
+    assert plan.meta["sensitivity_method"] == "kl"
+
+
+def test_numpy_scalars_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    sens, costs = make_tables(4, ["w4a8", "w8a8"], 44)
+    sens.scores = {layer: {o: np.float32(v) for o, v in row.items()} for layer, row in sens.scores.items()}
+    plan = solve(sens, costs, compression_ratio=np.float32(0.75))
+    assert plan.predicted["size_ratio"] <= 0.75 + 1e-9
+    assert isinstance(plan.layers[0]["sensitivity"], float)
+    assert QuantPlan.from_json(plan.to_json()) == plan
+
+
+# ----------------------------------------------------------------------------- solver status handling
+
+
+def test_stopped_on_time_with_a_solution_returns_feasible_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ohq_lightning.solver as solver_module
+
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 45)
+    monkeypatch.setattr(solver_module, "_solve_ilp", lambda objective, rows, limit: ("Feasible", [1, 1, 1]))
+    with pytest.warns(RuntimeWarning, match="before proving the plan optimal"):
+        plan = solve(sens, costs, compression_ratio=1.0, time_limit_s=1)
+    assert plan.status == "Feasible"
+    assert set(plan.assignment.values()) == {"w8a8"}
+
+
+def test_stopped_on_time_without_a_solution_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ohq_lightning.solver as solver_module
+
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 46)
+    monkeypatch.setattr(solver_module, "_solve_ilp", lambda objective, rows, limit: ("Not Solved", None))
+    with pytest.raises(RuntimeError, match=r"Not Solved.*time_limit_s"):
+        solve(sens, costs, time_limit_s=1)
+
+
+def test_bad_time_limit() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 0)
+    for bad in (0, -1.0, math.nan, "10"):
+        with pytest.raises(ValueError, match="time_limit_s"):
+            solve(sens, costs, time_limit_s=bad)  # type: ignore[arg-type]
+    assert solve(sens, costs, time_limit_s=None).status == "Optimal"

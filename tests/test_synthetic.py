@@ -1,0 +1,78 @@
+import pytest
+import torch
+from conftest import make_tiny_net, same_state, state_snapshot
+from torch import nn
+
+from ohq_lightning.synthetic import _bn_layers, distilled_inputs, gaussian_inputs, synthetic_inputs
+
+
+def _bn_mismatch(model: nn.Module, inputs: torch.Tensor) -> float:
+    stats = []
+
+    def hook(module, args, _out):
+        x = args[0]
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.var(dim=(0, 2, 3), unbiased=False).add(module.eps).sqrt()
+        target = module.running_var.add(module.eps).sqrt()
+        stats.append(float((mean - module.running_mean).abs().mean() + (std - target).abs().mean()))
+
+    handles = [bn.register_forward_hook(hook) for bn in _bn_layers(model)]
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return sum(stats)
+
+
+def test_gaussian_inputs_are_seeded_and_shaped(tiny_input):
+    a = gaussian_inputs(tiny_input, 5, seed=1)
+    assert a.shape == (5, 3, 16, 16)
+    assert torch.equal(a, gaussian_inputs(tiny_input, 5, seed=1))
+    assert not torch.equal(a, gaussian_inputs(tiny_input, 5, seed=2))
+
+
+def test_distilled_inputs_match_batchnorm_statistics_better_and_leave_the_model_alone(tiny_net, tiny_input):
+    tiny_net.train()
+    before = state_snapshot(tiny_net)
+    start = gaussian_inputs(tiny_input, 8, seed=0)
+    distilled = distilled_inputs(tiny_net, tiny_input, 8, steps=30, seed=0, cache_dir=False, progress=False)
+    assert distilled.shape == start.shape and torch.isfinite(distilled).all()
+    tiny_net.eval()
+    assert _bn_mismatch(tiny_net, distilled) < 0.5 * _bn_mismatch(tiny_net, start)
+    assert same_state(tiny_net, before)
+    assert all(p.requires_grad for p in tiny_net.parameters())
+
+
+def test_distilled_inputs_are_deterministic_and_cached(tiny_net, tiny_input, tmp_path):
+    first = distilled_inputs(tiny_net, tiny_input, 4, steps=5, cache_dir=tmp_path, progress=False)
+    files = list((tmp_path / "synthetic").glob("*.npy"))
+    assert len(files) == 1
+    again = distilled_inputs(tiny_net, tiny_input, 4, steps=5, cache_dir=tmp_path, progress=False)
+    assert torch.equal(first, again)
+    fresh = distilled_inputs(tiny_net, tiny_input, 4, steps=5, cache_dir=False, progress=False)
+    assert torch.allclose(first, fresh, atol=1e-5)
+    other_model = distilled_inputs(make_tiny_net(seed=1), tiny_input, 4, steps=5, cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "synthetic").glob("*.npy"))) == 2 and not torch.equal(first, other_model)
+
+
+def test_a_corrupt_cache_is_rebuilt(tiny_net, tiny_input, tmp_path):
+    first = distilled_inputs(tiny_net, tiny_input, 4, steps=5, cache_dir=tmp_path, progress=False)
+    (path,) = (tmp_path / "synthetic").glob("*.npy")
+    path.write_bytes(b"not a numpy file")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = distilled_inputs(tiny_net, tiny_input, 4, steps=5, cache_dir=tmp_path, progress=False)
+    assert torch.allclose(first, rebuilt, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(__import__("numpy").load(path)), rebuilt)
+
+
+def test_a_model_without_batchnorm_falls_back_to_gaussian_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    example = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        inputs = distilled_inputs(model, example, 3, cache_dir=False, progress=False)
+    assert torch.equal(inputs, gaussian_inputs(example, 3))
+
+
+def test_unknown_kind_is_rejected(tiny_net, tiny_input):
+    with pytest.raises(ValueError, match="gaussian"):
+        synthetic_inputs(tiny_net, tiny_input, kind="uniform")
