@@ -231,6 +231,7 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
                 calls=record.calls,
                 groups=int(getattr(module, "groups", 1)),
                 input_nonnegative=record.nonnegative,
+                **_conv_geometry(module, record),
             )
         )
     layers.sort(key=lambda layer: records[layer.name].order)
@@ -241,6 +242,31 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
             f"conv/linear layers) reached by the forward pass{detail}"
         )
     return LayerTrace(layers=layers, skipped=skipped, batch_size=batch)
+
+
+def _conv_geometry(module: nn.Module, record: _Record) -> dict[str, list[int]]:
+    """Stride, dilation and the explicit padding (top, left, bottom, right) the convolution really uses.
+
+    'same' padding (``padding="same"`` or timm's dynamic ``Conv2dSame``) is resolved from the traced
+    input shape, so the padding recorded is what an exported graph would carry.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return {}
+    stride, dilation = list(module.stride), list(module.dilation)
+    kernel = list(module.kernel_size)
+    dynamic_same = type(module).__name__.endswith("Same")
+    if dynamic_same or module.padding == "same":
+        pads = []
+        for size, k, s, d in zip(record.in_shape[-2:], kernel, stride, dilation, strict=True):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        padding = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+    elif module.padding == "valid":
+        padding = [0, 0, 0, 0]
+    else:
+        top, left = module.padding
+        padding = [top, left, top, left]
+    return {"stride": stride, "padding": padding, "dilation": dilation}
 
 
 def _base_name(module: nn.Module) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,32 @@ class LayerInfo(_JsonMixin):
     calls: int = 1
     groups: int = 1
     input_nonnegative: bool = False
+    stride: list[int] = field(default_factory=lambda: [1, 1])
+    padding: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    dilation: list[int] = field(default_factory=lambda: [1, 1])
+
+    def signature(self) -> str:
+        """What the layer's cost depends on, as a stable string (op, shapes, stride, padding, groups...).
+
+        Two layers with the same signature cost the same on a device; cost tables and caches are
+        keyed by it. Example: ``conv2d|in=1x16x56x56|out=1x24x28x28|w=24x16x3x3|s=2x2|p=1x1x1x1|d=1x1|g=1|bias=0``.
+        """
+        op = "linear" if self.kind == "linear" else "conv2d"
+        parts = [
+            op,
+            "in=" + "x".join(map(str, self.in_shape)),
+            "out=" + "x".join(map(str, self.out_shape)),
+            "w=" + "x".join(map(str, self.weight_shape)),
+        ]
+        if op == "conv2d":
+            parts += [
+                "s=" + "x".join(map(str, self.stride)),
+                "p=" + "x".join(map(str, self.padding)),
+                "d=" + "x".join(map(str, self.dilation)),
+                f"g={self.groups}",
+            ]
+        parts.append(f"bias={int(self.bias_numel > 0)}")
+        return "|".join(parts)
 
     def weight_bytes(self, option: Option) -> float:
         """Bytes of this layer's weights stored at ``option``."""
@@ -188,13 +215,27 @@ class LayerCost(_JsonMixin):
 
 @dataclass
 class CostTable(_JsonMixin):
-    """OQA output: layer -> option -> :class:`LayerCost`, plus each layer's 8-bit weight bytes."""
+    """OQA output: layer -> option -> :class:`LayerCost`, plus each layer's 8-bit weight bytes.
+
+    Layers are listed in the order the forward pass runs them. Two optional latency terms make
+    the predicted end-to-end latency of a plan ``base_latency_ms + sum(layer latencies) +
+    sum(transitions paid)``:
+
+    * ``transition_ms[layer]``: the cost of a precision change at the boundary *after* ``layer``
+      (between it and the next layer in forward order): quantizing or dequantizing the activation
+      there. A plan pays it when exactly one of the two layers runs an integer option. Forward
+      order stands in for the graph's edges: an approximation, exact for chains.
+    * ``base_latency_ms``: the time of everything outside the quantizable layers (activations,
+      adds, pooling, per-op overhead), measured end to end where the target can.
+    """
 
     target: str
     options: list[str]
     costs: dict[str, dict[str, LayerCost]]
     int8_weight_bytes: dict[str, float]
     meta: dict[str, Any] = field(default_factory=dict)
+    transition_ms: dict[str, float] = field(default_factory=dict)
+    base_latency_ms: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CostTable:
@@ -209,9 +250,15 @@ class CostTable(_JsonMixin):
         """Layer names in table order."""
         return list(self.costs)
 
-    def has_metric(self, metric: str) -> bool:
-        """True when every entry has a value for ``metric`` (``latency_ms``, ``energy_mj``...)."""
-        return all(getattr(c, metric) is not None for row in self.costs.values() for c in row.values())
+    def has_metric(self, metric: str, options: Sequence[str] | None = None) -> bool:
+        """True when every entry (at ``options``, default all) has a value for ``metric`` (``latency_ms``...)."""
+        wanted = None if options is None else set(options)
+        return all(
+            getattr(cost, metric) is not None
+            for row in self.costs.values()
+            for option, cost in row.items()
+            if wanted is None or option in wanted
+        )
 
 
 @dataclass

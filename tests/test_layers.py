@@ -95,3 +95,17 @@ def test_trace_does_not_update_batchnorm_statistics(tiny_net, tiny_input):
     before = state_snapshot(tiny_net)
     trace_layers(tiny_net, tiny_input)
     assert same_state(tiny_net, before) and tiny_net.training
+
+
+def test_conv_geometry_and_signature_resolve_same_padding():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        timm_layers.Conv2dSame(4, 4, 3, stride=2),
+        nn.Conv2d(4, 4, 3, padding="same", dilation=2, bias=False),
+    )
+    layers = trace_layers(model, torch.randn(1, 3, 8, 8)).layers
+    assert layers[0].stride == [2, 2] and layers[0].padding == [1, 1, 1, 1]
+    assert layers[1].padding == [0, 0, 1, 1]  # TF-style "same" for a 4x4 input at stride 2: pad after only
+    assert layers[2].padding == [2, 2, 2, 2] and layers[2].dilation == [2, 2]
+    assert layers[0].signature() == "conv2d|in=1x3x8x8|out=1x4x4x4|w=4x3x3x3|s=2x2|p=1x1x1x1|d=1x1|g=1|bias=1"
+    assert layers[2].signature().endswith("|bias=0")
