@@ -1,0 +1,61 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from timm import layers as timm_layers
+from torch import nn
+
+from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, transition_graph
+from ohq_lightning.layers import trace_layers
+
+
+def _optimized_ops(model, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.fixture
+def layers():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        timm_layers.Conv2dSame(8, 16, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+    return trace_layers(model, torch.randn(1, 3, 16, 16)).layers
+
+
+@pytest.mark.parametrize("kernel", ["fp32", "int8"])
+def test_layer_graphs_run_with_the_layer_shapes(layers, kernel):
+    for layer in layers:
+        model, feed = layer_graph(layer, kernel)
+        (output,) = ort_runner(model, feed, threads=1)()
+        assert list(output.shape) == layer.out_shape, layer.name
+        assert output.dtype == (np.float32 if kernel == "fp32" else np.uint8)
+
+
+def test_int8_graphs_fuse_into_integer_kernels(layers, tmp_path):
+    conv_ops = _optimized_ops(layer_graph(layers[0], "int8")[0], tmp_path)
+    assert "QLinearConv" in conv_ops and "Conv" not in conv_ops
+    linear_ops = _optimized_ops(layer_graph(layers[-1], "int8")[0], tmp_path)
+    assert linear_ops == ["QGemm"]
+
+
+@pytest.mark.parametrize("direction", ["quantize", "dequantize"])
+def test_transition_graphs(direction):
+    (output,) = ort_runner(*transition_graph([1, 8, 4, 4], direction), threads=1)()
+    assert output.shape == (1, 8, 4, 4)
+    assert output.dtype == (np.uint8 if direction == "quantize" else np.float32)
+    with pytest.raises(ValueError, match="direction"):
+        transition_graph([1, 8], "sideways")
+
+
+def test_unknown_kernel_is_rejected(layers):
+    with pytest.raises(ValueError, match="kernel"):
+        layer_graph(layers[0], "int4")
