@@ -1,0 +1,94 @@
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_tiny_net
+from timm import layers as timm_layers
+from torch import nn
+
+from ohq_lightning.deploy import activation_ranges, export_onnx, layer_nodes, quantize_onnx_layers
+from ohq_lightning.deploy.onnx_qdq import ActivationRange, _scope_path
+from ohq_lightning.hardware.ort_ops import ort_session
+from ohq_lightning.layers import trace_layers
+
+
+def _fused_ops(model, tmp_path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_scope_paths_follow_module_names():
+    assert _scope_path("/blocks/blocks.0/blocks.0.0/conv_dw/Conv") == "blocks.0.0.conv_dw"
+    assert _scope_path("/conv_stem/Conv") == "conv_stem"
+    assert _scope_path("/stem/stem.0/Conv") == "stem.0"
+
+
+def test_activation_range_qparams_cover_zero():
+    scale, zero = ActivationRange(0.0, 2.55).qparams()
+    assert scale == pytest.approx(0.01) and zero == 0
+    scale, zero = ActivationRange(-1.0, 1.0).qparams()
+    assert zero in (127, 128)
+
+
+@pytest.fixture
+def exported():
+    model = make_tiny_net()
+    example = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    names = trace_layers(model, example).names()
+    graph = export_onnx(model, example)
+    ranges = activation_ranges(graph, names, [torch.randn(8, 3, 16, 16)])
+    return model, example, names, graph, ranges
+
+
+def test_every_layer_maps_to_its_onnx_node(exported):
+    _, _, names, graph, _ = exported
+    nodes = layer_nodes(graph, names)
+    assert sorted(nodes) == sorted(names)
+    assert [n.op_type for name in names for n in nodes[name]] == ["Conv", "Conv", "Conv", "Gemm"]
+
+
+def test_mixed_plan_runs_on_fused_int8_kernels_and_matches_the_float_model(exported, tmp_path):
+    model, example, _, graph, ranges = exported
+    plan = {"stem.0": "w8a8", "dw.0": "fp32", "grouped.0": "w8a8", "fc": "w4a8"}
+    quantized = quantize_onnx_layers(graph, plan, ranges)
+    ops = _fused_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] + ops["FusedConv"] == 1
+    feed = {"x": example.numpy()}
+    with torch.no_grad():
+        reference = model(example).numpy()
+    float_out = ort_session(graph.SerializeToString(), 1).run(None, feed)[0]
+    int_out = ort_session(quantized.SerializeToString(), 1).run(None, feed)[0]
+    assert np.allclose(float_out, reference, atol=1e-5)
+    spread = float(np.abs(reference).max())
+    assert float(np.abs(int_out - reference).max()) < 0.15 * spread
+    assert not np.allclose(int_out, reference, atol=1e-6)
+
+
+def test_sub_8_bit_weights_sit_on_their_grid_inside_int8(exported):
+    _, _, _, graph, ranges = exported
+    quantized = quantize_onnx_layers(graph, {"stem.0": "w2a8"}, ranges)
+    (w_q,) = [onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name.endswith(".w_q")]
+    assert w_q.dtype == np.int8 and w_q.min() >= -2 and w_q.max() <= 1
+
+
+def test_bad_plans_are_rejected(exported):
+    _, _, _, graph, ranges = exported
+    with pytest.raises(ValueError, match="8-bit activations"):
+        quantize_onnx_layers(graph, {"stem.0": "w8a4"}, ranges)
+    with pytest.raises(ValueError, match="no Conv/Gemm/MatMul node"):
+        quantize_onnx_layers(graph, {"nope": "w8a8"}, {"nope": ranges["stem.0"]})
+
+
+def test_timm_same_padding_conv_exports_and_quantizes(tmp_path):
+    model = nn.Sequential(timm_layers.Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    example = torch.randn(1, 3, 9, 9)
+    names = trace_layers(model, example).names()
+    graph = export_onnx(model, example)
+    quantized = quantize_onnx_layers(graph, dict.fromkeys(names, "w8a8"), activation_ranges(graph, names, [example]))
+    assert _fused_ops(quantized, tmp_path)["QLinearConv"] == 2
