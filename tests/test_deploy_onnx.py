@@ -27,6 +27,7 @@ def test_scope_paths_follow_module_names():
     assert _scope_path("/blocks/blocks.0/blocks.0.0/conv_dw/Conv") == "blocks.0.0.conv_dw"
     assert _scope_path("/conv_stem/Conv") == "conv_stem"
     assert _scope_path("/stem/stem.0/Conv") == "stem.0"
+    assert _scope_path("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
 
 
 def test_activation_range_qparams_cover_zero():

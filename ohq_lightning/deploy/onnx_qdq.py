@@ -72,7 +72,13 @@ def _scope_path(node_name: str) -> str:
     """The module path of an exported node: ``/blocks/blocks.0/blocks.0.0/conv_dw/Conv`` -> ``blocks.0.0.conv_dw``."""
     path = ""
     for segment in node_name.strip("/").split("/")[:-1]:
-        path = segment if not path or segment.startswith(path + ".") else f"{path}.{segment}"
+        parent, _, child = segment.rpartition(".")
+        if not path or segment.startswith(path + "."):  # 'blocks.0' inside 'blocks'
+            path = segment
+        elif parent and (path == parent or path.endswith("." + parent)):  # 'downsample.0' inside '...downsample'
+            path = f"{path}.{child}"
+        else:
+            path = f"{path}.{segment}"
     return path
 
 

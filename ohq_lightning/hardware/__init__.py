@@ -4,12 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from ohq_lightning.hardware.analytical import DEFAULT_OPTIONS, AnalyticalTarget
+from ohq_lightning.hardware.analytical import BIT_SERIAL_OPTIONS, DEFAULT_OPTIONS, AnalyticalTarget, BitSerialTarget
 from ohq_lightning.hardware.base import HardwareTarget
+from ohq_lightning.hardware.presets import ANALYTICAL_PRESETS, analytical_preset
+from ohq_lightning.hardware.table import TableTarget, export_cost_table, model_key
 
-__all__ = ["DEFAULT_OPTIONS", "AnalyticalTarget", "HardwareTarget", "create_target"]
+__all__ = [
+    "ANALYTICAL_PRESETS",
+    "BIT_SERIAL_OPTIONS",
+    "DEFAULT_OPTIONS",
+    "AnalyticalTarget",
+    "BitSerialTarget",
+    "HardwareTarget",
+    "TableTarget",
+    "analytical_preset",
+    "create_target",
+    "export_cost_table",
+    "known_targets",
+    "model_key",
+]
 
-_TARGETS = {"analytical": AnalyticalTarget}
+
+def _factories() -> dict[str, Any]:
+    return {"analytical": AnalyticalTarget, "table": TableTarget, **ANALYTICAL_PRESETS}
+
+
+def known_targets() -> list[str]:
+    """Names :func:`create_target` accepts."""
+    return sorted(_factories())
 
 
 def create_target(target: str | HardwareTarget, **kwargs: Any) -> HardwareTarget:
@@ -20,10 +42,10 @@ def create_target(target: str | HardwareTarget, **kwargs: Any) -> HardwareTarget
         ('w8a8', 'w4a8')
     """
     if isinstance(target, str):
-        factory = _TARGETS.get(target)
+        factory = _factories().get(target)
         if factory is None:
-            raise ValueError(f"unknown hardware target {target!r}; known targets: {sorted(_TARGETS)}")
-        if "options" in kwargs and kwargs["options"] is not None:
+            raise ValueError(f"unknown hardware target {target!r}; known targets: {known_targets()}")
+        if kwargs.get("options") is not None:
             kwargs["options"] = tuple(kwargs["options"])
         return factory(**{k: v for k, v in kwargs.items() if v is not None})
     if isinstance(target, HardwareTarget):
