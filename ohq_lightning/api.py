@@ -64,6 +64,8 @@ def search(
     synthetic: str = "distilled",
     num_samples: int = 8,
     distill_steps: int = 20,
+    sensitivity_budget: float | None = None,
+    minimize: str = "sensitivity",
     tie_groups: Sequence[Sequence[str]] = (),
     cost_weight: float = 0.0,
     seed: int = 0,
@@ -88,6 +90,8 @@ def search(
         synthetic: ``"distilled"`` (BatchNorm-statistics matching) or ``"gaussian"``.
         num_samples: synthetic inputs used by MQE.
         distill_steps: optimisation steps of the distilled inputs.
+        sensitivity_budget: total MQE sensitivity must not exceed this (>= 0).
+        minimize: ``"sensitivity"`` (default) or ``"latency"`` (needs a budget, e.g. ``sensitivity_budget``).
         tie_groups: groups of layer names that must share one option.
         cost_weight: weight of the target's latency in the objective (0: sensitivity only).
         seed: seed of everything random in the search.
@@ -152,6 +156,8 @@ def search(
     plan = solve(
         scores,
         costs,
+        sensitivity_budget=sensitivity_budget,
+        minimize=minimize,
         tie_groups=tie_groups,
         cost_weight=cost_weight,
         options=option_names,

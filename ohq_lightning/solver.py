@@ -1,20 +1,31 @@
 """Choose one option per layer with an integer linear program (PuLP + the CBC solver it bundles).
 
 The program has one binary variable ``x[layer, option]`` per layer and candidate option, exactly
-one option per layer, and minimises
+one option per layer, and by default (``minimize="sensitivity"``) minimises
 
-    sum(sensitivity[l][o] * x[l, o]) + cost_weight * sum(cost_metric[l][o] * x[l, o])
+    sum(sensitivity[l][o] * x[l, o]) + cost_weight * cost(cost_metric)
 
-under any of four budgets (each optional, all combinable):
+under any of five budgets (each optional, all combinable):
 
 * ``compression_ratio`` -- plan weight bytes <= ratio * weight bytes at uniform 8 bits
   (1.0 is INT8 size, see :mod:`ohq_lightning.plan`);
-* ``latency_budget`` (ms), ``energy_budget`` (mJ), ``bops_budget`` (bit operations) -- the sum
-  of that metric over the layers <= the budget.
+* ``latency_budget`` (ms) -- the plan's predicted latency (below) <= the budget;
+* ``energy_budget`` (mJ), ``bops_budget`` (bit operations) -- the sum of that metric over the
+  layers <= the budget;
+* ``sensitivity_budget`` -- the total sensitivity <= the budget.
+
+With ``minimize="latency"`` the program minimises the predicted latency instead (ties go to the
+lower total sensitivity) under the same budgets, typically a ``sensitivity_budget``.
+
+The predicted latency of a plan is ``base_latency_ms + sum(layer latency_ms) + sum(transitions
+paid)`` (see :class:`~ohq_lightning.plan.CostTable`): the transition after layer ``l`` is paid
+when exactly one of ``l`` and the next layer runs an integer option. Each boundary with a
+transition cost gets a variable ``z >= |q_l - q_next|``, where ``q_l`` is 1 when layer ``l``
+runs an integer option; ``z`` enters every latency term of the program.
 
 Layers named together in a tie group take the same option (they share their variables).
 
-When sensitivities tie (a randomly initialised layer scores exactly zero at every option) the
+When objectives tie (a randomly initialised layer scores exactly zero at every option) the
 solver prefers the option with fewer weight bytes: a tie-break term of about 1e-9 of the objective
 scale goes into the program, and after solving, any layer (or tie group) that can move to an option
 with the same objective value and fewer weight bytes without breaking a budget is moved.
@@ -23,10 +34,12 @@ Example:
     >>> plan = solve(sensitivity_table, cost_table, compression_ratio=0.6)  # doctest: +SKIP
     >>> plan.predicted["size_ratio"] <= 0.6  # doctest: +SKIP
     True
+    >>> fast = solve(sensitivity_table, cost_table, minimize="latency", sensitivity_budget=0.05)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import time
@@ -38,11 +51,13 @@ from typing import Any
 
 import pulp
 
-from .plan import CostTable, QuantPlan, SensitivityTable
+from .plan import CostTable, Option, QuantPlan, SensitivityTable
 
 __all__ = [
     "BUDGETS",
     "COST_METRICS",
+    "MINIMIZE",
+    "SWEEP_BUDGETS",
     "InfeasibleBudgetError",
     "check_budget_values",
     "pareto_sweep",
@@ -57,13 +72,21 @@ BUDGETS: Mapping[str, str] = MappingProxyType(
         "bops_budget": "bops",
     }
 )
-"""Budget keyword -> the :class:`~ohq_lightning.plan.LayerCost` metric it bounds."""
+"""Budget keyword -> the :class:`~ohq_lightning.plan.LayerCost` metric it bounds (each must be > 0)."""
+
+SWEEP_BUDGETS: tuple[str, ...] = (*BUDGETS, "sensitivity_budget")
+"""Budgets :func:`pareto_sweep` may sweep: :data:`BUDGETS` and ``sensitivity_budget`` (total sensitivity, >= 0)."""
 
 COST_METRICS: tuple[str, ...] = ("latency_ms", "energy_mj", "bops", "weight_bytes")
 """Metrics that ``cost_metric`` may name."""
 
+MINIMIZE: tuple[str, ...] = ("sensitivity", "latency")
+"""What :func:`solve` may minimise."""
+
+_FORM_OF = MappingProxyType({**BUDGETS, "sensitivity_budget": "sensitivity"})  # budget -> the total it bounds
 _OBJECTIVE_SCALE = 1e6  # the solver sees objectives scaled so that their whole range spans this
 _TIE_BREAK = 1e-9  # weight of the weight-bytes tie-break, relative to the objective range
+_SECONDARY = 1e-6  # weight of a secondary objective (sensitivity under minimize="latency"), relative
 _ROW_SCALE = 1e6  # budget rows are written as sum(metric / limit * _ROW_SCALE) <= _ROW_SCALE
 _BUDGET_RTOL = 1e-9  # a recomputed total may exceed its limit by this much (float rounding)
 _TIE_RTOL = 1e-12  # objective coefficients this close count as equal in the post-solve pass
@@ -75,8 +98,10 @@ class InfeasibleBudgetError(ValueError):
     """Raised when no assignment meets the budgets.
 
     ``smallest_feasible`` maps each given budget name to the smallest value of that budget that
-    is feasible, with the other given budgets held as given where that is feasible, else alone;
-    ``budgets`` holds the budgets as given. The message names both, e.g.
+    is feasible, with the other given budgets held as given where that is feasible, else alone
+    (for ``latency_budget`` it includes transitions and base latency; for ``sensitivity_budget``
+    it is the least total sensitivity); ``budgets`` holds the budgets as given. The message names
+    both, e.g.
     ``no plan meets the budgets {compression_ratio: 0.1}: the smallest feasible compression_ratio is 0.25``.
     Values in the message are rounded up (6 significant digits), so they stay feasible.
     """
@@ -93,16 +118,48 @@ class InfeasibleBudgetError(ValueError):
 
 
 @dataclass(frozen=True)
+class _Linear:
+    """``constant + sum(table[u][o] * x[u, o]) + sum(switch[k] * z[k])`` over the program's variables.
+
+    ``z[k]`` is 1 when exactly one of the two units of the model's switch ``k`` runs an integer
+    option; an empty ``switch`` means no such terms.
+    """
+
+    table: Table
+    switch: tuple[float, ...] = ()
+    constant: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Program:
+    """Minimise ``objective`` subject to ``form <= limit`` for each row (one option per unit)."""
+
+    objective: _Linear
+    rows: tuple[tuple[_Linear, float], ...]
+
+
+@dataclass(frozen=True)
 class _Model:
-    """The validated problem: tables per tie unit (a tie group, or one layer on its own)."""
+    """The validated problem: linear forms per tie unit (a tie group, or one layer on its own).
+
+    ``forms`` holds the totals a budget may bound (``weight_bytes``, ``latency_ms``... and
+    ``sensitivity``); ``objective`` the objective's levels, most important first. ``switches``
+    are the unit pairs with a transition cost between them, ``integer`` says which options are
+    integer (empty when there are no switches), ``unit_switches`` the switches of each unit.
+    """
 
     layers: list[str]
     options: list[str]
     units: list[list[int]]
-    objective: Table
-    metrics: dict[str, Table]
+    objective: tuple[_Linear, ...]
+    forms: dict[str, _Linear]
     limits: dict[str, float]
     int8_bytes: float
+    switches: tuple[tuple[int, int], ...]
+    integer: tuple[bool, ...]
+    unit_switches: tuple[tuple[int, ...], ...]
+    transitions: dict[str, float]
+    base_latency_ms: float | None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -116,25 +173,36 @@ def solve(
     latency_budget: float | None = None,
     energy_budget: float | None = None,
     bops_budget: float | None = None,
+    sensitivity_budget: float | None = None,
     tie_groups: Sequence[Sequence[str]] = (),
     cost_weight: float = 0.0,
     cost_metric: str = "latency_ms",
+    minimize: str = "sensitivity",
     options: Sequence[str] | None = None,
     time_limit_s: float | None = 60.0,
 ) -> QuantPlan:
-    """Pick one option per layer of ``costs`` minimising sensitivity (+ ``cost_weight`` x cost) under budgets.
+    """Pick one option per layer of ``costs`` minimising sensitivity (or latency) under budgets.
+
+    Latency everywhere (budget, objective, ``predicted``) is the predicted end-to-end latency:
+    ``costs.base_latency_ms`` + the layers' ``latency_ms`` + the ``costs.transition_ms`` paid
+    (see :class:`~ohq_lightning.plan.CostTable`).
 
     Args:
         sensitivity: layer -> option -> score (higher is worse); must cover every layer of ``costs``
             (its other layers are ignored).
         costs: layer -> option -> :class:`~ohq_lightning.plan.LayerCost` for the target.
         compression_ratio: plan weight bytes / weight bytes at uniform 8 bits must be <= this (> 0).
-        latency_budget: total ``latency_ms`` must be <= this (needs a target that gives latency).
+        latency_budget: predicted latency must be <= this (needs a target that gives latency).
         energy_budget: total ``energy_mj`` must be <= this (needs a target that gives energy).
         bops_budget: total ``bops`` must be <= this.
+        sensitivity_budget: total sensitivity must be <= this (>= 0; 0 allows only plans that
+            score no worse than zero).
         tie_groups: groups of layer names that must take the same option.
-        cost_weight: weight (>= 0) of the ``cost_metric`` total added to the objective.
+        cost_weight: weight (>= 0) of the ``cost_metric`` total added to the objective
+            (``minimize="sensitivity"`` only).
         cost_metric: one of :data:`COST_METRICS`.
+        minimize: ``"sensitivity"`` (default) or ``"latency"``: minimise the predicted latency,
+            ties going to the lower total sensitivity; needs latency and at least one budget.
         options: the candidate options (default: ``costs.options``); a subset of ``costs.options``
             and of every layer's sensitivity row.
         time_limit_s: CBC time limit per solve (``None``: no limit). When CBC stops on time with a
@@ -142,28 +210,31 @@ def solve(
             and a :class:`RuntimeWarning`.
 
     Returns:
-        A :class:`~ohq_lightning.plan.QuantPlan`; ``predicted`` totals are recomputed from the assignment.
+        A :class:`~ohq_lightning.plan.QuantPlan`; ``predicted`` totals are recomputed from the
+        assignment, with ``transition_ms`` / ``base_latency_ms`` (and per layer row
+        ``transition_after_ms``) when the cost table has such terms.
 
     Raises:
         ValueError: bad input (unknown option or layer, missing metric, non-positive budget...).
         InfeasibleBudgetError: no assignment meets the budgets.
         RuntimeError: the solver failed otherwise (e.g. stopped on time without a solution).
     """
-    budgets = _check_budgets(
-        costs,
+    budgets = check_budget_values(
         {
             "compression_ratio": compression_ratio,
             "latency_budget": latency_budget,
             "energy_budget": energy_budget,
             "bops_budget": bops_budget,
-        },
+        }
     )
-    cost_weight = _check_objective_args(costs, cost_weight, cost_metric, time_limit_s)
-    model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric)
-    rows = _budget_rows(model, budgets)
+    if sensitivity_budget is not None:
+        budgets["sensitivity_budget"] = _check_sensitivity_budget(sensitivity_budget)
+    cost_weight = _check_objective_args(cost_weight, cost_metric, minimize, budgets, time_limit_s)
+    model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric, minimize)
+    program = _Program(_solver_objective(model), _budget_rows(model, budgets))
 
     start = time.perf_counter()
-    status, choice = _solve_ilp(_solver_objective(model), rows, time_limit_s)
+    status, choice = _solve_ilp(model, program, time_limit_s)
     solve_s = time.perf_counter() - start
     if status == "Infeasible":
         raise _infeasible_error(model, budgets, time_limit_s)
@@ -179,7 +250,7 @@ def solve(
             RuntimeWarning,
             stacklevel=2,
         )
-    choice = _prefer_fewer_bytes(model, choice, rows)
+    choice = _prefer_fewer_bytes(model, choice, program.rows)
     _check_choice_meets_budgets(model, choice, budgets)
     return _make_plan(
         model,
@@ -192,6 +263,7 @@ def solve(
             "solver": "pulp-cbc",
             "solve_s": solve_s,
             "sensitivity_method": sensitivity.method,
+            "minimize": minimize,
             "cost_weight": cost_weight,
             "cost_metric": cost_metric,
             "time_limit_s": time_limit_s,
@@ -210,15 +282,16 @@ def pareto_sweep(
 ) -> list[QuantPlan]:
     """Solve once per value of one budget and return the plans in the order of ``values``.
 
-    ``budget`` is one of :data:`BUDGETS` (``"compression_ratio"``, ``"latency_budget"``,
-    ``"energy_budget"``, ``"bops_budget"``); ``solve_kwargs`` go to :func:`solve` unchanged (they may
-    hold the other budgets, not this one). Values for which no plan exists
+    ``budget`` is one of :data:`SWEEP_BUDGETS` (``"compression_ratio"``, ``"latency_budget"``,
+    ``"energy_budget"``, ``"bops_budget"``, ``"sensitivity_budget"``; sweep the last with
+    ``minimize="latency"`` for a latency / sensitivity front); ``solve_kwargs`` go to :func:`solve`
+    unchanged (they may hold the other budgets, not this one). Values for which no plan exists
     (:class:`InfeasibleBudgetError`) are skipped, so the result may be shorter than ``values``;
     each plan records its point in ``plan.meta["sweep"] = {"budget", "value", "index"}`` (``index``
     into ``values``) and, as always, in ``plan.budgets``. Bad input still raises ``ValueError``.
     """
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}: use one of {sorted(BUDGETS)}")
+    if budget not in SWEEP_BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}: use one of {sorted(SWEEP_BUDGETS)}")
     if budget in solve_kwargs:
         raise ValueError(f"{budget!r} is swept; do not pass it in solve_kwargs as well")
     plans: list[QuantPlan] = []
@@ -239,6 +312,7 @@ def check_budget_values(given: Mapping[str, float | None]) -> dict[str, float]:
     """Check that every budget set in ``given`` (by its :data:`BUDGETS` name) is a finite number > 0.
 
     Returns only the budgets that are set, as floats; ``None`` means "no such budget".
+    (``sensitivity_budget``, which may be 0, is checked by :func:`solve` itself.)
     """
     budgets: dict[str, float] = {}
     for name, value in given.items():
@@ -253,33 +327,65 @@ def check_budget_values(given: Mapping[str, float | None]) -> dict[str, float]:
     return budgets
 
 
-def _check_budgets(costs: CostTable, given: Mapping[str, float | None]) -> dict[str, float]:
-    """Validate the given budgets against the cost table; return only those set, as floats."""
-    budgets = check_budget_values(given)
-    for name in budgets:
-        metric = BUDGETS[name]
-        if not costs.has_metric(metric):
-            raise ValueError(
-                f"{name} needs {metric!r}, but the target {costs.target!r} gives no such metric "
-                "(its cost table lacks it for some layer/option)"
-            )
-    return budgets
+def _check_sensitivity_budget(value: Any) -> float:
+    """``sensitivity_budget`` as a float: a finite number >= 0."""
+    number = _real(value)
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"sensitivity_budget must be a finite number >= 0, got {value!r}")
+    return number
 
 
-def _check_objective_args(costs: CostTable, cost_weight: float, cost_metric: str, time_limit_s: float | None) -> float:
-    """Validate ``cost_weight``, ``cost_metric`` and ``time_limit_s``; return ``cost_weight`` as float."""
+def _check_objective_args(
+    cost_weight: float,
+    cost_metric: str,
+    minimize: str,
+    budgets: Mapping[str, float],
+    time_limit_s: float | None,
+) -> float:
+    """Validate the objective's arguments and ``time_limit_s``; return ``cost_weight`` as float."""
     weight = _real(cost_weight)
     if weight is None or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight!r}")
     if cost_metric not in COST_METRICS:
         raise ValueError(f"unknown cost_metric {cost_metric!r}: use one of {list(COST_METRICS)}")
-    if weight > 0 and not costs.has_metric(cost_metric):
-        raise ValueError(f"cost_metric {cost_metric!r}: the target {costs.target!r} gives no such metric")
+    if minimize not in MINIMIZE:
+        raise ValueError(f"minimize must be one of {list(MINIMIZE)}, got {minimize!r}")
+    if minimize == "latency" and weight > 0:
+        raise ValueError("cost_weight weighs a cost against sensitivity; with minimize='latency' leave it at 0")
+    if minimize == "latency" and not budgets:
+        raise ValueError(
+            "minimize='latency' needs a budget to trade against, e.g. sensitivity_budget (the total sensitivity "
+            "allowed); without one the fastest plan ignores accuracy"
+        )
     if time_limit_s is not None:
         limit = _real(time_limit_s)
         if limit is None or not math.isfinite(limit) or limit <= 0:
             raise ValueError(f"time_limit_s must be a finite number > 0 or None, got {time_limit_s!r}")
     return weight
+
+
+def _needed_metrics(
+    costs: CostTable,
+    names: Sequence[str],
+    budgets: Mapping[str, float],
+    cost_weight: float,
+    cost_metric: str,
+    minimize: str,
+) -> set[str]:
+    """The cost metrics the program reads; ValueError when the table lacks one at ``names``."""
+    needed = {"weight_bytes", "bops"}
+    wanted = {BUDGETS[name]: name for name in budgets if name in BUDGETS}
+    if cost_weight > 0:
+        wanted.setdefault(cost_metric, "cost_metric")
+    if minimize == "latency":
+        wanted.setdefault("latency_ms", "minimize='latency'")
+    for metric, why in wanted.items():
+        if not costs.has_metric(metric, names):
+            raise ValueError(
+                f"{why} needs {metric!r}, but the target {costs.target!r} gives no such metric "
+                "(its cost table lacks it for some layer/option)"
+            )
+    return needed | set(wanted)
 
 
 def _resolve_options(sensitivity: SensitivityTable, costs: CostTable, options: Sequence[str] | None) -> list[str]:
@@ -318,6 +424,25 @@ def _check_layers(sensitivity: SensitivityTable, costs: CostTable) -> list[str]:
     if missing:
         raise ValueError(f"cost table has no int8_weight_bytes for layers {missing}")
     return layers
+
+
+def _check_latency_terms(costs: CostTable) -> tuple[dict[str, float], float | None]:
+    """The cost table's ``transition_ms`` (finite, >= 0, known layers) and ``base_latency_ms`` (finite)."""
+    transitions: dict[str, float] = {}
+    for layer, value in dict(costs.transition_ms).items():
+        if layer not in costs.costs:
+            raise ValueError(f"cost table: transition_ms names {layer!r}, which is not one of its layers")
+        number = _real(value)
+        if number is None or not math.isfinite(number) or number < 0:
+            raise ValueError(f"cost table: transition_ms of {layer!r} is {value!r}, not a finite number >= 0")
+        transitions[layer] = number
+    base = costs.base_latency_ms
+    if base is None:
+        return transitions, None
+    number = _real(base)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"cost table: base_latency_ms is {base!r}, not a finite number")
+    return transitions, number
 
 
 def _tie_units(layers: Sequence[str], tie_groups: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -384,37 +509,78 @@ def _build_model(
     budgets: Mapping[str, float],
     cost_weight: float,
     cost_metric: str,
+    minimize: str,
 ) -> _Model:
-    """Validate the tables and gather per-unit objective and metric tables."""
+    """Validate the tables and gather the per-unit linear forms of the program."""
     layers = _check_layers(sensitivity, costs)
     names = _resolve_options(sensitivity, costs, options)
+    needed = _needed_metrics(costs, names, budgets, cost_weight, cost_metric, minimize)
+    transitions, base = _check_latency_terms(costs)
     units = _tie_units(layers, tie_groups)
     int8_bytes = math.fsum(float(costs.int8_weight_bytes[layer]) for layer in layers)
     if not math.isfinite(int8_bytes) or int8_bytes <= 0:
         raise ValueError(f"the layers' int8_weight_bytes must add up to a positive number, got {int8_bytes!r}")
-    needed = {"weight_bytes", "bops", *(BUDGETS[name] for name in budgets)}
-    if cost_weight > 0:
-        needed.add(cost_metric)
+    integer = tuple(_is_integer(name) for name in names) if any(transitions.values()) else ()
+    switches, switch_ms = _switches(layers, units, transitions, integer)
     per_layer = {
         metric: [[_value(costs, layer, option, metric) for option in names] for layer in layers] for metric in needed
     }
     scores = [[_score(sensitivity, layer, option) for option in names] for layer in layers]
-    if cost_weight > 0:
+    forms = {metric: _Linear(_unit_table(table, units)) for metric, table in per_layer.items()}
+    forms["sensitivity"] = _Linear(_unit_table(scores, units))
+    if "latency_ms" in forms:
+        forms["latency_ms"] = _Linear(forms["latency_ms"].table, switch_ms, base or 0.0)
+    if minimize == "latency":
+        objective = (forms["latency_ms"], forms["sensitivity"])
+    elif cost_weight > 0:
         cost = per_layer[cost_metric]
-        scores = [
+        weighted = [
             [s + cost_weight * c for s, c in zip(srow, crow, strict=True)]
             for srow, crow in zip(scores, cost, strict=True)
         ]
+        switch = tuple(cost_weight * ms for ms in forms[cost_metric].switch)
+        objective = (_Linear(_unit_table(weighted, units), switch),)
+    else:
+        objective = (forms["sensitivity"],)
     limits = {name: value * int8_bytes if name == "compression_ratio" else value for name, value in budgets.items()}
     return _Model(
         layers=layers,
         options=names,
         units=units,
-        objective=_unit_table(scores, units),
-        metrics={metric: _unit_table(table, units) for metric, table in per_layer.items()},
+        objective=objective,
+        forms=forms,
         limits=limits,
         int8_bytes=int8_bytes,
+        switches=switches,
+        integer=integer,
+        unit_switches=tuple(tuple(k for k, pair in enumerate(switches) if u in pair) for u in range(len(units))),
+        transitions=transitions,
+        base_latency_ms=base,
     )
+
+
+def _is_integer(option: str) -> bool:
+    """True when ``option`` runs the layer in integer arithmetic (not a float format)."""
+    return not Option.parse(option).is_float
+
+
+def _switches(
+    layers: Sequence[str], units: Sequence[Sequence[int]], transitions: Mapping[str, float], integer: Sequence[bool]
+) -> tuple[tuple[tuple[int, int], ...], tuple[float, ...]]:
+    """Unit pairs that can pay a transition, and its cost (summed over their boundaries).
+
+    A boundary inside a unit never pays (both sides share one option), and none pays when the
+    options are all integer or all float.
+    """
+    if len(set(integer)) < 2:
+        return (), ()
+    unit_of = {i: u for u, unit in enumerate(units) for i in unit}
+    merged: dict[tuple[int, int], list[float]] = {}
+    for i, layer in enumerate(layers[:-1]):
+        a, b = sorted((unit_of[i], unit_of[i + 1]))
+        if transitions.get(layer, 0.0) > 0 and a != b:
+            merged.setdefault((a, b), []).append(transitions[layer])
+    return tuple(merged), tuple(math.fsum(values) for values in merged.values())
 
 
 def _unit_table(per_layer: Table, units: Sequence[Sequence[int]]) -> Table:
@@ -423,30 +589,38 @@ def _unit_table(per_layer: Table, units: Sequence[Sequence[int]]) -> Table:
     return [[math.fsum(per_layer[i][o] for i in unit) for o in range(n_options)] for unit in units]
 
 
-def _budget_rows(model: _Model, budgets: Mapping[str, float]) -> list[tuple[Table, float]]:
-    """(metric table, limit) for each given budget."""
-    return [(model.metrics[BUDGETS[name]], model.limits[name]) for name in budgets]
+def _budget_rows(model: _Model, budgets: Mapping[str, float]) -> tuple[tuple[_Linear, float], ...]:
+    """(form, limit) for each given budget."""
+    return tuple((model.forms[_FORM_OF[name]], model.limits[name]) for name in budgets)
 
 
-def _normalised(table: Table) -> Table:
-    """Shift each row to a minimum of 0 and scale so the rows' ranges add up to ``_OBJECTIVE_SCALE``."""
-    shifted = [[value - min(row) for value in row] for row in table]
-    span = math.fsum(max(row) for row in shifted)
+def _normalised(form: _Linear) -> _Linear:
+    """Drop the constant, shift each row to a minimum of 0 and scale so the whole range is ``_OBJECTIVE_SCALE``."""
+    shifted = [[value - min(row) for value in row] for row in form.table]
+    span = math.fsum([*(max(row) for row in shifted), *form.switch])
     factor = _OBJECTIVE_SCALE / span if span > 0 else 0.0
-    return [[value * factor for value in row] for row in shifted]
+    return _Linear([[value * factor for value in row] for row in shifted], tuple(c * factor for c in form.switch))
 
 
-def _solver_objective(model: _Model) -> Table:
-    """The normalised objective plus a tie-break that prefers fewer weight bytes within each unit."""
-    main = _normalised(model.objective)
-    weight = model.metrics["weight_bytes"]
+def _solver_objective(model: _Model) -> _Linear:
+    """The normalised objective levels (later ones weighted by ``_SECONDARY``) plus a fewer-bytes tie-break."""
+    main, *others = [_normalised(level) for level in model.objective]
+    for level in others:
+        main = _Linear(
+            [
+                [m + _SECONDARY * s for m, s in zip(mrow, srow, strict=True)]
+                for mrow, srow in zip(main.table, level.table, strict=True)
+            ],
+            tuple(m + _SECONDARY * s for m, s in itertools.zip_longest(main.switch, level.switch, fillvalue=0.0)),
+        )
+    weight = model.forms["weight_bytes"].table
     step = _OBJECTIVE_SCALE * _TIE_BREAK / len(model.units)
-    objective: Table = []
-    for main_row, bytes_row in zip(main, weight, strict=True):
+    table: Table = []
+    for main_row, bytes_row in zip(main.table, weight, strict=True):
         levels = sorted(set(bytes_row))
         rank = {value: i / max(1, len(levels) - 1) for i, value in enumerate(levels)}
-        objective.append([m + step * rank[b] for m, b in zip(main_row, bytes_row, strict=True)])
-    return objective
+        table.append([m + step * rank[b] for m, b in zip(main_row, bytes_row, strict=True)])
+    return _Linear(table, main.switch)
 
 
 # ----------------------------------------------------------------------------- solving
@@ -459,43 +633,55 @@ def _cbc(time_limit_s: float | None) -> pulp.LpSolver:
         return pulp.PULP_CBC_CMD(msg=False, gapRel=0, timeLimit=time_limit_s)
 
 
-def _binary(prob: pulp.LpProblem, name: str) -> pulp.LpVariable:
-    """A binary variable of ``prob`` (``prob.add_variable`` on PuLP >= 3.3, ``LpVariable`` before)."""
+def _variable(prob: pulp.LpProblem, name: str, cat: str = pulp.LpBinary, **bounds: float) -> pulp.LpVariable:
+    """A variable of ``prob`` (``prob.add_variable`` on PuLP >= 3.3, ``LpVariable`` before)."""
     if hasattr(prob, "add_variable"):
-        return prob.add_variable(name, cat=pulp.LpBinary)
-    return pulp.LpVariable(name, cat=pulp.LpBinary)
+        return prob.add_variable(name, cat=cat, **bounds)
+    return pulp.LpVariable(name, cat=cat, **bounds)
 
 
-def _solve_ilp(
-    objective: Table, rows: Sequence[tuple[Table, float]], time_limit_s: float | None
-) -> tuple[str, list[int] | None]:
-    """Minimise ``objective`` over one option per unit with ``sum(table) <= limit`` per row.
+def _solve_ilp(model: _Model, program: _Program, time_limit_s: float | None) -> tuple[str, list[int] | None]:
+    """Solve ``program`` over one option per unit of ``model`` (and its transition variables).
 
     Returns the status (``"Optimal"``, ``"Feasible"`` when stopped on time with a solution,
     ``"Infeasible"``, or PuLP's status name) and the chosen option index per unit (or ``None``).
     """
-    n_options = len(objective[0])
+    n_options = len(model.options)
     prob = pulp.LpProblem("ohq_plan", pulp.LpMinimize)
-    x = [[_binary(prob, f"x_{u}_{o}") for o in range(n_options)] for u in range(len(objective))]
-    prob += pulp.lpSum(
-        c * v for crow, vrow in zip(objective, x, strict=True) for c, v in zip(crow, vrow, strict=True) if c != 0
-    )
+    x = [[_variable(prob, f"x_{u}_{o}") for o in range(n_options)] for u in range(len(model.units))]
+    z = [_variable(prob, f"z_{k}", pulp.LpContinuous, lowBound=0, upBound=1) for k in range(len(model.switches))]
+    prob += _expression(program.objective, x, z)
     for u, vrow in enumerate(x):
         prob += pulp.lpSum(vrow) == 1, f"one_{u}"
-    for k, (table, limit) in enumerate(rows):
-        terms = [
-            (value / limit * _ROW_SCALE, v)
-            for trow, vrow in zip(table, x, strict=True)
-            for value, v in zip(trow, vrow, strict=True)
-            if value
-        ]
-        if terms:
-            prob += pulp.lpSum(c * v for c, v in terms) <= _ROW_SCALE, f"budget_{k}"
+    for k, (a, b) in enumerate(model.switches):
+        q_a, q_b = (pulp.lpSum(v for v, integer in zip(x[u], model.integer, strict=True) if integer) for u in (a, b))
+        prob += z[k] >= q_a - q_b, f"switch_{k}_up"
+        prob += z[k] >= q_b - q_a, f"switch_{k}_down"
+    for k, (form, limit) in enumerate(program.rows):
+        scaled, bound = _scaled_row(form, limit)
+        if any(itertools.chain(*scaled.table, scaled.switch)):
+            prob += _expression(scaled, x, z) <= bound, f"budget_{k}"
+        elif not _within(form.constant, limit):  # a constant row: it holds or it does not
+            return "Infeasible", None
     prob.solve(_cbc(time_limit_s))
     status = _status_name(prob)
     if status not in ("Optimal", "Feasible"):
         return status, None
     return status, [max(range(n_options), key=lambda o, vrow=vrow: vrow[o].value() or 0.0) for vrow in x]
+
+
+def _expression(form: _Linear, x: Sequence[Sequence[Any]], z: Sequence[Any]) -> Any:
+    """The non-constant part of ``form`` over the variables, skipping zero coefficients."""
+    terms = [c * v for crow, vrow in zip(form.table, x, strict=True) for c, v in zip(crow, vrow, strict=True) if c]
+    return pulp.lpSum(terms + [c * v for c, v in zip(form.switch, z, strict=False) if c])
+
+
+def _scaled_row(form: _Linear, limit: float) -> tuple[_Linear, float]:
+    """``form <= limit`` as ``scaled <= bound``, the limit (at limit 0: the largest term) scaled to ``_ROW_SCALE``."""
+    size = abs(limit) or max((abs(v) for v in itertools.chain(*form.table, form.switch)), default=0.0) or 1.0
+    table = [[value / size * _ROW_SCALE for value in row] for row in form.table]
+    bound = limit / size * _ROW_SCALE - form.constant / size * _ROW_SCALE
+    return _Linear(table, tuple(c / size * _ROW_SCALE for c in form.switch)), bound
 
 
 def _status_name(prob: pulp.LpProblem) -> str:
@@ -505,9 +691,31 @@ def _status_name(prob: pulp.LpProblem) -> str:
     return str(pulp.LpStatus.get(prob.status, prob.status))
 
 
-def _totals(model: _Model, choice: Sequence[int]) -> dict[str, float]:
-    """Per-metric totals of a choice (one option index per unit)."""
-    return {metric: math.fsum(table[u][o] for u, o in enumerate(choice)) for metric, table in model.metrics.items()}
+def _paid(model: _Model, choice: Sequence[int]) -> list[bool]:
+    """Whether each switch pays its transition under ``choice`` (one option index per unit)."""
+    return [model.integer[choice[a]] != model.integer[choice[b]] for a, b in model.switches]
+
+
+def _evaluate(model: _Model, form: _Linear, choice: Sequence[int]) -> float:
+    """The value of ``form`` for a choice (one option index per unit)."""
+    terms = [form.table[u][o] for u, o in enumerate(choice)]
+    if form.switch:
+        terms += [c for c, paid in zip(form.switch, _paid(model, choice), strict=True) if paid]
+    if form.constant:
+        terms.append(form.constant)
+    return math.fsum(terms)
+
+
+def _move_delta(model: _Model, form: _Linear, choice: Sequence[int], u: int, option: int) -> float:
+    """How much the switch terms of ``form`` change when unit ``u`` moves to ``option``."""
+    delta = []
+    for k in model.unit_switches[u] if form.switch else ():
+        a, b = model.switches[k]
+        other = model.integer[choice[b if a == u else a]]
+        before, after = model.integer[choice[u]] != other, model.integer[option] != other
+        if before != after:
+            delta.append(form.switch[k] if after else -form.switch[k])
+    return math.fsum(delta)
 
 
 def _within(total: float, limit: float) -> bool:
@@ -515,38 +723,46 @@ def _within(total: float, limit: float) -> bool:
     return total <= limit + _BUDGET_RTOL * max(abs(limit), abs(total))
 
 
-def _prefer_fewer_bytes(model: _Model, choice: list[int], rows: Sequence[tuple[Table, float]]) -> list[int]:
+def _prefer_fewer_bytes(model: _Model, choice: list[int], rows: Sequence[tuple[_Linear, float]]) -> list[int]:
     """Move units to an option with the same objective and fewer weight bytes while budgets allow."""
     choice = list(choice)
-    weight = model.metrics["weight_bytes"]
-    used = [math.fsum(table[u][o] for u, o in enumerate(choice)) for table, _ in rows]
+    weight = model.forms["weight_bytes"].table
+    used = [_evaluate(model, form, choice) for form, _ in rows]
     changed = True
     while changed:
         changed = False
         for u, current in enumerate(choice):
-            here = model.objective[u][current]
             candidates = sorted(
                 (o for o in range(len(model.options)) if weight[u][o] < weight[u][current]),
                 key=lambda o, u=u: weight[u][o],
             )
             for o in candidates:
-                if not math.isclose(model.objective[u][o], here, rel_tol=_TIE_RTOL, abs_tol=0.0):
+                if not all(_same_value(model, level, choice, u, o) for level in model.objective):
                     continue
-                moved = [total - table[u][current] + table[u][o] for total, (table, _) in zip(used, rows, strict=True)]
+                moved = [
+                    total - form.table[u][current] + form.table[u][o] + _move_delta(model, form, choice, u, o)
+                    for total, (form, _) in zip(used, rows, strict=True)
+                ]
                 if all(_within(total, limit) for total, (_, limit) in zip(moved, rows, strict=True)):
                     choice[u], used, changed = o, moved, True
                     break
     return choice
 
 
+def _same_value(model: _Model, form: _Linear, choice: Sequence[int], u: int, option: int) -> bool:
+    """True when moving unit ``u`` to ``option`` leaves ``form`` unchanged (up to ``_TIE_RTOL``)."""
+    here = form.table[u][choice[u]]
+    there = form.table[u][option] + _move_delta(model, form, choice, u, option)
+    return math.isclose(there, here, rel_tol=_TIE_RTOL, abs_tol=0.0)
+
+
 def _check_choice_meets_budgets(model: _Model, choice: Sequence[int], budgets: Mapping[str, float]) -> None:
     """Guard against a solver answer that breaks a budget beyond float rounding."""
-    totals = _totals(model, choice)
     for name in budgets:
-        total, limit = totals[BUDGETS[name]], model.limits[name]
+        total, limit = _evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]
         if not _within(total, limit):
             raise RuntimeError(
-                f"the ILP solver returned a plan with {BUDGETS[name]} {total!r} over the {name} limit {limit!r} "
+                f"the ILP solver returned a plan with {_FORM_OF[name]} {total!r} over the {name} limit {limit!r} "
                 "(numerical tolerance); try a slightly different budget"
             )
 
@@ -558,18 +774,27 @@ def _smallest_feasible(
     model: _Model, name: str, budgets: Mapping[str, float], time_limit_s: float | None
 ) -> tuple[float, bool]:
     """Smallest feasible value of budget ``name``; True when the other budgets could be held."""
-    table = model.metrics[BUDGETS[name]]
-    others = [row for other, row in zip(budgets, _budget_rows(model, budgets), strict=True) if other != name]
+    form = model.forms[_FORM_OF[name]]
+    others = tuple(row for other, row in zip(budgets, _budget_rows(model, budgets), strict=True) if other != name)
     value, held = None, False
     if others:
-        _, choice = _solve_ilp(_normalised(table), others, time_limit_s)
+        _, choice = _solve_ilp(model, _Program(_normalised(form), others), time_limit_s)
         if choice is not None:
-            value, held = math.fsum(table[u][o] for u, o in enumerate(choice)), True
+            value, held = _evaluate(model, form, choice), True
     if value is None:
-        value = math.fsum(min(row) for row in table)
+        value = _least(model, form, time_limit_s)
     if name == "compression_ratio":
         value /= model.int8_bytes
     return value, held
+
+
+def _least(model: _Model, form: _Linear, time_limit_s: float | None) -> float:
+    """The least value of ``form`` without budgets (an ILP only when it has switch terms)."""
+    if form.switch:
+        _, choice = _solve_ilp(model, _Program(_normalised(form), ()), time_limit_s)
+        if choice is not None:
+            return _evaluate(model, form, choice)
+    return math.fsum([*(min(row) for row in form.table), form.constant])
 
 
 def _infeasible_error(
@@ -625,9 +850,18 @@ def _make_plan(
         "bops": math.fsum(row["bops"] for row in rows),
         "sensitivity": math.fsum(row["sensitivity"] for row in rows),
     }
+    paid = _transitions_paid(model, assignment)
+    base = [] if model.base_latency_ms is None else [model.base_latency_ms]
     for metric in ("latency_ms", "energy_mj"):
-        if costs.has_metric(metric):
-            predicted[metric] = math.fsum(row[metric] for row in rows)
+        if costs.has_metric(metric, model.options):
+            extra = [*paid.values(), *base] if metric == "latency_ms" else []
+            predicted[metric] = math.fsum([*(row[metric] for row in rows), *extra])
+    if costs.transition_ms:
+        predicted["transition_ms"] = math.fsum(paid.values())
+        for row in rows:
+            row["transition_after_ms"] = paid[row["name"]]
+    if model.base_latency_ms is not None:
+        predicted["base_latency_ms"] = model.base_latency_ms
     return QuantPlan(
         assignment=assignment,
         predicted=predicted,
@@ -638,6 +872,16 @@ def _make_plan(
         layers=rows,
         meta=meta,
     )
+
+
+def _transitions_paid(model: _Model, assignment: Mapping[str, str]) -> dict[str, float]:
+    """Layer -> the transition paid at the boundary after it (0.0 where none is paid)."""
+    paid = dict.fromkeys(model.layers, 0.0)
+    for layer, following in itertools.pairwise(model.layers):
+        cost = model.transitions.get(layer, 0.0)
+        if cost > 0 and _is_integer(assignment[layer]) != _is_integer(assignment[following]):
+            paid[layer] = cost
+    return paid
 
 
 def _layer_row(layer: str, option: str, sensitivity: SensitivityTable, costs: CostTable) -> dict[str, Any]:

@@ -135,3 +135,12 @@ def test_module_entry_point_reports_infeasible_budgets(capsys):
         ]
     )
     assert code == 2 and "smallest feasible compression_ratio" in capsys.readouterr().err
+
+
+def test_search_can_minimise_latency_under_a_sensitivity_bound(tiny_net, tiny_input):
+    accurate = ohq.search(tiny_net, tiny_input, compression_ratio=1.0, **FAST)
+    bound = 2 * accurate.predicted["sensitivity"] + 1e-9
+    fast = ohq.search(tiny_net, tiny_input, minimize="latency", sensitivity_budget=bound, **FAST)
+    assert fast.predicted["sensitivity"] <= bound * (1 + 1e-9)
+    assert fast.predicted["latency_ms"] <= accurate.predicted["latency_ms"] + 1e-12
+    assert fast.meta["minimize"] == "latency" and fast.budgets["sensitivity_budget"] == bound

@@ -93,3 +93,17 @@ def test_timm_same_padding_conv_exports_and_quantizes(tmp_path):
     graph = export_onnx(model, example)
     quantized = quantize_onnx_layers(graph, dict.fromkeys(names, "w8a8"), activation_ranges(graph, names, [example]))
     assert _fused_ops(quantized, tmp_path)["QLinearConv"] == 2
+
+
+def test_weights_shared_by_the_exporter_through_identity_nodes_are_found(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    with torch.no_grad():  # equal constants: the exporter keeps one and shares it through Identity nodes
+        model[2].weight.zero_()
+        model[4].weight.zero_()
+        model[2].bias.zero_()
+        model[4].bias.zero_()
+    example = torch.randn(1, 3, 5, 5)
+    names = trace_layers(model, example).names()
+    graph = export_onnx(model, example)
+    quantized = quantize_onnx_layers(graph, dict.fromkeys(names, "w8a8"), activation_ranges(graph, names, [example]))
+    assert _fused_ops(quantized, tmp_path)["QLinearConv"] == 3

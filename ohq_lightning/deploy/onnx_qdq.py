@@ -144,11 +144,19 @@ def activation_ranges(
 
 
 def _initializer(onnx_model: Any, name: str) -> np.ndarray | None:
+    """The constant value of tensor ``name``: an initializer, or one reached through ``Identity`` nodes.
+
+    (The exporter shares equal constants, e.g. the all-zero folded weights of an untrained residual
+    branch, through ``Identity`` nodes.)
+    """
     from onnx import numpy_helper
 
     for init in onnx_model.graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
+    for node in onnx_model.graph.node:
+        if node.op_type == "Identity" and node.output[0] == name:
+            return _initializer(onnx_model, node.input[0])
     return None
 
 
