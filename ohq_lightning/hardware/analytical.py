@@ -62,10 +62,7 @@ class AnalyticalTarget:
 
     def __post_init__(self) -> None:
         parse_options(self.options)
-        for field_name in ("int8_gmacs", "fp32_gmacs", "half_gmacs", "bandwidth_gbs", "byte_energy_pj"):
-            value = getattr(self, field_name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"AnalyticalTarget.{field_name} must be a positive number, got {value!r}")
+        _require_positive(self, ("int8_gmacs", "fp32_gmacs", "half_gmacs", "bandwidth_gbs", "byte_energy_pj"))
 
     def _throughput_macs_per_s(self, option: Option) -> float:
         if option.float_format == "fp32":
@@ -161,10 +158,7 @@ class BitSerialTarget:
 
     def __post_init__(self) -> None:
         self._integer_options(self.options)
-        for field_name in ("bit_gops", "bandwidth_gbs", "bit_mac_energy_pj", "byte_energy_pj"):
-            value = getattr(self, field_name)
-            if not (_is_number(value) and value > 0):
-                raise ValueError(f"BitSerialTarget.{field_name} must be a positive number, got {value!r}")
+        _require_positive(self, ("bit_gops", "bandwidth_gbs", "bit_mac_energy_pj", "byte_energy_pj"))
         if not (_is_number(self.layer_overhead_us) and self.layer_overhead_us >= 0):
             raise ValueError(f"BitSerialTarget.layer_overhead_us must be a number >= 0, got {self.layer_overhead_us!r}")
         if isinstance(self.out_bits, bool) or not isinstance(self.out_bits, int) or not 1 <= self.out_bits <= 32:
@@ -226,6 +220,14 @@ class BitSerialTarget:
                 "layer_overhead_us": self.layer_overhead_us,
             },
         )
+
+
+def _require_positive(target: object, field_names: Sequence[str]) -> None:
+    """Raise ValueError naming the first of ``field_names`` that is not a finite number > 0."""
+    for field_name in field_names:
+        value = getattr(target, field_name)
+        if not (_is_number(value) and value > 0):
+            raise ValueError(f"{type(target).__name__}.{field_name} must be a positive number, got {value!r}")
 
 
 def _is_number(value: object) -> bool:
