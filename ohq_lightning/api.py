@@ -130,7 +130,7 @@ def search(
     timings["layers"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    costs = hardware.costs(trace.layers, option_names)
+    costs = hardware.costs(trace.layers, option_names, model=model, example_inputs=example_inputs)
     timings["costs"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -9,6 +9,9 @@ averaged over synthetic inputs. Two readings of "perturb" are offered:
 * ``"random_mask"`` (an earlier code base of the paper's first author): a random fraction of
   the layer's weights is zeroed; the fraction grows as the option's weight bits shrink (see
   :data:`DEFAULT_MASK_FRACTIONS`; our choice, the paper gives none).
+
+MQE supports models called with one input tensor: the synthetic inputs are one batch tensor,
+and each chunk of it is passed to the model as its only argument.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ohq_lightning.plan import LayerInfo, Option, SensitivityTable, parse_option
 from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import QuantLayer
-from ohq_lightning.quant.swap import apply_plan, strip_plan
+from ohq_lightning.quant.swap import apply_plan, quantized_layers, strip_plan
 
 __all__ = ["DEFAULT_MASK_FRACTIONS", "METHODS", "kl_divergence", "mqe_sensitivity"]
 
@@ -116,13 +119,26 @@ def _quantize_score(
     batch_size: int,
     input_quantizer: ActivationFakeQuant | None,
 ) -> float:
+    layer = apply_plan(model, {name: option.name}).get_submodule(name)  # all or nothing: no undo on error
     try:
-        layer = apply_plan(model, {name: option.name}).get_submodule(name)
         if input_quantizer is not None and isinstance(layer, QuantLayer) and layer.input_quantizer is not None:
             layer.input_quantizer.load_state_dict(input_quantizer.state_dict())
         return float(kl_divergence(reference, _logits(model, inputs, batch_size)))
     finally:
-        strip_plan(model)
+        strip_plan(model, [name])
+
+
+def _check_float_model(model: nn.Module, inputs: Any) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
+        raise ValueError(
+            "MQE supports a model called with one input tensor: inputs must be one batch tensor, "
+            f"got {type(inputs).__name__}"
+        )
+    quantized = sorted(quantized_layers(model))
+    if quantized:
+        raise ValueError(
+            f"the model has fake-quant layers {quantized}: strip_plan(model) first: MQE scores the float model"
+        )
 
 
 def mqe_sensitivity(
@@ -140,8 +156,10 @@ def mqe_sensitivity(
     """Score every layer at every option by the KL divergence its perturbation causes.
 
     Args:
-        model: the float model (restored exactly afterwards).
-        inputs: synthetic inputs (a batch tensor) -- see :mod:`ohq_lightning.synthetic`.
+        model: the float model, called with one input tensor (restored exactly afterwards); it must
+            hold no fake-quant layers (call :func:`~ohq_lightning.quant.strip_plan` first).
+        inputs: synthetic inputs (one batch tensor, split along its first dimension into the
+            model's calls) -- see :mod:`ohq_lightning.synthetic`.
         layers: the layers to score (``LayerInfo`` from :func:`~ohq_lightning.layers.trace_layers`, or names).
         options: option names; float options score 0 for ``fp32`` and are measured for ``bf16``/``fp16``.
         method: ``"quantize"`` or ``"random_mask"``.
@@ -160,6 +178,7 @@ def mqe_sensitivity(
     """
     if method not in METHODS:
         raise ValueError(f"unknown sensitivity method {method!r}; use one of {METHODS}")
+    _check_float_model(model, inputs)
     parsed = parse_options(options)
     fractions = dict(DEFAULT_MASK_FRACTIONS if mask_fractions is None else mask_fractions)
     names = [layer.name if isinstance(layer, LayerInfo) else str(layer) for layer in layers]

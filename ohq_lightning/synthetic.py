@@ -4,6 +4,9 @@ The distilled inputs follow ZeroQ (Cai et al., 2020): start from Gaussian noise 
 the input so that, at every BatchNorm layer, the batch mean and standard deviation of the
 layer's input match the running statistics stored in the layer. They are cached on disk per
 model (keyed by a hash of its weights and the settings), as ``.npy`` files read without pickle.
+
+Synthetic inputs are one batch tensor, so they support models called with one input tensor:
+an example input of several arguments or of keywords is rejected.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ohq_lightning.layers import first_tensor, preserved_state
+from ohq_lightning.layers import preserved_state
 from ohq_lightning.progress import progress_bar
 
 __all__ = ["default_cache_dir", "distilled_inputs", "gaussian_inputs", "model_fingerprint", "synthetic_inputs"]
@@ -33,26 +36,52 @@ def default_cache_dir() -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's class, parameter and buffer names, shapes and values."""
+    """A hash of the model's class, parameter and buffer names, shapes, dtypes and values."""
     digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
+    for name, value in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        if tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if not isinstance(value, torch.Tensor):  # a module's extra state
+            digest.update(repr(value).encode())
+            continue
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(_tensor_bytes(value))
     return digest.hexdigest()[:24]
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values, whatever its dtype (bfloat16 included)."""
+    tensor = tensor.detach()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    return tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _describe(example_inputs: Any) -> str:
+    if isinstance(example_inputs, dict):
+        return f"a dict of keywords {sorted(map(str, example_inputs))}"
+    if isinstance(example_inputs, (tuple, list)):
+        return f"a {type(example_inputs).__name__} of {len(example_inputs)} arguments"
+    return f"a {type(example_inputs).__name__}"
+
+
 def _example_tensor(example_inputs: Any) -> torch.Tensor:
-    tensor = first_tensor(example_inputs)
-    if tensor is None or not tensor.is_floating_point() or tensor.dim() < 1:
+    """The one input tensor of ``example_inputs``: a tensor, or a 1-tuple or 1-list holding one."""
+    tensor = example_inputs
+    if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
+        tensor = tensor[0]
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"synthetic inputs need a model called with one input tensor; got {_describe(example_inputs)}")
+    if not tensor.is_floating_point() or tensor.dim() < 1:
         raise ValueError("synthetic inputs need a floating-point example input tensor with a batch dimension")
     return tensor
 
 
 def gaussian_inputs(example_inputs: Any, num_samples: int = 8, *, seed: int = 0) -> torch.Tensor:
     """``num_samples`` standard-normal inputs of the example input's shape (batch dimension replaced).
+
+    ``example_inputs`` is one input tensor (alone, or in a 1-tuple or 1-list); anything else is a
+    ``ValueError``, as synthetic inputs support models called with one input tensor.
 
     Example:
         >>> gaussian_inputs(torch.zeros(1, 3, 8, 8), 4).shape
@@ -74,7 +103,8 @@ def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def _distill(
     model: nn.Module, start: torch.Tensor, *, steps: int, lr: float, progress: bool
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float] | None:
+    """The distilled inputs and their final loss; None when the forward reaches no BatchNorm layer."""
     bns = _bn_layers(model)
     losses: list[torch.Tensor] = []
 
@@ -103,6 +133,8 @@ def _distill(
                 losses.clear()
                 optimizer.zero_grad(set_to_none=True)
                 model(inputs)
+                if not losses:
+                    return None
                 loss = torch.stack(losses).mean()
                 loss.backward()
                 optimizer.step()
@@ -131,14 +163,16 @@ def distilled_inputs(
 
     Args:
         model: the float model (left unchanged; run in eval mode).
-        example_inputs: an input of the right shape (its batch dimension is replaced).
+        example_inputs: one input tensor of the right shape (its batch dimension is replaced),
+            alone or in a 1-tuple or 1-list; the model is called with one input tensor.
         num_samples: how many inputs to make.
         steps: Adam steps on the inputs; lr: their learning rate.
         seed: seed of the starting noise (the result is deterministic for a seed).
         cache_dir: where to cache them (default :func:`default_cache_dir`); ``False`` disables the cache.
         progress: show a progress bar.
 
-    A model without BatchNorm layers has nothing to match: its inputs are Gaussian (with a warning).
+    A model without BatchNorm layers, or whose forward reaches none of them, has nothing to
+    match: its inputs are Gaussian (with a warning, and not cached).
     A cache file that cannot be read is rebuilt.
     """
     start = gaussian_inputs(example_inputs, num_samples, seed=seed)
@@ -153,7 +187,14 @@ def distilled_inputs(
         cached = _read_cache(path, tuple(start.shape))
         if cached is not None:
             return cached.to(device=start.device, dtype=start.dtype)
-    inputs, _ = _distill(model, start, steps=steps, lr=lr, progress=progress)
+    distilled = _distill(model, start, steps=steps, lr=lr, progress=progress)
+    if distilled is None:
+        warnings.warn(
+            "the model's forward reaches none of its BatchNorm layers to distil inputs from; using Gaussian inputs",
+            stacklevel=2,
+        )
+        return start
+    inputs, _ = distilled
     if path is not None:
         _write_cache(path, inputs)
     return inputs
@@ -193,7 +234,11 @@ def synthetic_inputs(
     cache_dir: str | Path | bool | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Synthetic inputs of one ``kind``: ``"gaussian"`` or ``"distilled"`` (see :func:`distilled_inputs`)."""
+    """Synthetic inputs of one ``kind``: ``"gaussian"`` or ``"distilled"`` (see :func:`distilled_inputs`).
+
+    ``example_inputs`` is one input tensor (alone, or in a 1-tuple or 1-list): synthetic inputs
+    support models called with one input tensor.
+    """
     if kind == "gaussian":
         return gaussian_inputs(example_inputs, num_samples, seed=seed)
     if kind == "distilled":

@@ -11,7 +11,7 @@ from torch import nn
 
 from ohq_lightning.deploy import activation_ranges, export_onnx, layer_nodes, quantize_onnx_layers
 from ohq_lightning.deploy.onnx_qdq import ActivationRange, _scope_path
-from ohq_lightning.hardware.ort_ops import ort_session
+from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS, ort_session
 from ohq_lightning.layers import trace_layers
 
 
@@ -19,7 +19,12 @@ def _fused_ops(model, tmp_path) -> collections.Counter:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
+    )
     return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 

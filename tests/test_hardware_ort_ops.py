@@ -5,7 +5,7 @@ import torch
 from timm import layers as timm_layers
 from torch import nn
 
-from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, transition_graph
+from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS, layer_graph, ort_runner, transition_graph
 from ohq_lightning.layers import trace_layers
 
 
@@ -13,7 +13,12 @@ def _optimized_ops(model, tmp_path) -> list[str]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
+    )
     import onnx
 
     return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]

@@ -78,3 +78,11 @@ def test_rapl_meter_reads_counters(tmp_path):
         counter.write_text(str(int(counter.read_text()) + 500))
 
     assert meter.measure_mj(work, 4) == pytest.approx(0.5)
+
+
+def test_rapl_meter_counts_packages_not_their_subzones(tmp_path):
+    for name, value in [("intel-rapl:0", 1000), ("intel-rapl:1", 2000), ("intel-rapl:0:0", 700), ("intel-rapl:1:2", 5)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "energy_uj").write_text(f"{value}\n")
+    meter = RaplEnergyMeter(tmp_path)
+    assert meter.available and meter.read_uj() == 3000

@@ -164,3 +164,67 @@ def test_forward_keyword_arguments_pass_through():
     apply_plan(model, {"fc": "w4a8"})
     x = torch.randn(3, 4)
     assert torch.allclose(model(x, scale=2.0), 2 * model(x))
+
+
+def test_a_given_activation_sign_is_kept_at_calibration():
+    signed = ActivationFakeQuant(4, signed=True)
+    signed.calibrate_from(torch.rand(4, 100))
+    assert bool(signed.signed) and signed.int_range == (-8, 7)
+    unsigned = ActivationFakeQuant(4, signed=False)
+    unsigned.calibrate_from(torch.randn(4, 100))
+    assert not bool(unsigned.signed) and unsigned(torch.randn(4, 100)).min() >= 0
+    layer = QuantLayer(nn.Linear(4, 2), "w8a8", input_signed=True)
+    calibrate(nn.Sequential(layer), [torch.rand(3, 4)], progress=False)
+    assert bool(layer.input_quantizer.signed)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_mse_scale_puts_the_scales_along_the_given_dimension(dim):
+    from ohq_lightning.quant.fake_quant import mse_scale
+
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    scale = mse_scale(x, 4, signed=True, dim=dim)
+    expected_shape = [1, 1, 1]
+    expected_shape[dim] = x.shape[dim]
+    assert list(scale.shape) == expected_shape
+    moved = mse_scale(x.movedim(dim, 0).contiguous(), 4, signed=True, dim=0)
+    assert torch.equal(scale, moved.movedim(0, dim))
+
+
+def test_strip_plan_can_strip_only_the_named_layers(tiny_net, tiny_input):
+    reference = tiny_net(tiny_input)
+    apply_plan(tiny_net, {"stem.0": "w8a8", "fc": "w4a8"})
+    strip_plan(tiny_net, ["fc"])
+    assert sorted(quantized_layers(tiny_net)) == ["stem.0"]
+    assert isinstance(tiny_net.fc, nn.Linear)
+    with pytest.raises(ValueError, match="not a fake-quant layer"):
+        strip_plan(tiny_net, ["stem.0", "dw.0"])
+    assert sorted(quantized_layers(tiny_net)) == ["stem.0"]  # checked before anything changes
+    strip_plan(tiny_net, ["stem.0"])
+    assert not quantized_layers(tiny_net) and torch.equal(tiny_net(tiny_input), reference)
+
+
+def test_strip_plan_by_name_reaches_a_shared_layer_under_any_of_its_names():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    apply_plan(model, {"0": "w4a8"})
+    strip_plan(model, ["2"])
+    assert model[0] is shared and model[2] is shared
+
+
+def test_a_wrapper_that_fails_to_build_leaves_the_model_as_it_was(tiny_net, monkeypatch):
+    from ohq_lightning.quant import modules
+
+    built = []
+
+    def failing(weight, bits):
+        if built:
+            raise RuntimeError("cannot build")
+        built.append(bits)
+        return WeightFakeQuant(weight, bits)
+
+    monkeypatch.setattr(modules, "WeightFakeQuant", failing)  # the second QuantLayer fails to build
+    before = state_snapshot(tiny_net)
+    with pytest.raises(RuntimeError, match="cannot build"):
+        apply_plan(tiny_net, {"stem.0": "w8a8", "fc": "w4a8"})
+    assert built == [8] and not quantized_layers(tiny_net) and same_state(tiny_net, before)

@@ -70,3 +70,33 @@ def test_bad_arguments_are_clear_errors(scored):
         mqe_sensitivity(model, inputs, layers, OPTIONS, method="hessian", progress=False)
     with pytest.raises(ValueError, match="no layers named"):
         mqe_sensitivity(model, inputs, ["missing"], OPTIONS, progress=False)
+
+
+def test_a_model_with_fake_quant_layers_is_rejected_and_left_as_it_was(scored):
+    from ohq_lightning.quant import apply_plan
+
+    model, layers, inputs = scored
+    apply_plan(model, {"fc": "w8a8"})
+    with pytest.raises(ValueError, match=r"strip_plan\(model\) first"):
+        mqe_sensitivity(model, inputs, layers, OPTIONS, progress=False)
+    assert sorted(quantized_layers(model)) == ["fc"]
+
+
+def test_the_temporary_swap_undoes_only_the_layer_it_added(scored):
+    from ohq_lightning.plan import Option
+    from ohq_lightning.quant import apply_plan
+    from ohq_lightning.sensitivity import _logits, _quantize_score
+
+    model, _, inputs = scored
+    reference = _logits(model, inputs, len(inputs))
+    apply_plan(model, {"fc": "w8a8"})
+    score = _quantize_score(
+        model, "stem.0", Option.parse("w4a8"), reference, inputs, batch_size=len(inputs), input_quantizer=None
+    )
+    assert score > 0 and sorted(quantized_layers(model)) == ["fc"]
+
+
+def test_inputs_must_be_one_batch_tensor(scored):
+    model, layers, inputs = scored
+    with pytest.raises(ValueError, match="one input tensor"):
+        mqe_sensitivity(model, (inputs, inputs), layers, OPTIONS, progress=False)

@@ -76,3 +76,56 @@ def test_a_model_without_batchnorm_falls_back_to_gaussian_with_a_warning():
 def test_unknown_kind_is_rejected(tiny_net, tiny_input):
     with pytest.raises(ValueError, match="gaussian"):
         synthetic_inputs(tiny_net, tiny_input, kind="uniform")
+
+
+def test_the_fingerprint_hashes_every_dtype_including_bfloat16():
+    from ohq_lightning.synthetic import model_fingerprint
+
+    model = make_tiny_net().to(torch.bfloat16)
+    first = model_fingerprint(model)
+    assert first == model_fingerprint(make_tiny_net().to(torch.bfloat16))
+    with torch.no_grad():
+        model.fc.weight[0, 0] += 1
+    assert model_fingerprint(model) != first
+    assert model_fingerprint(make_tiny_net()) != first  # the float32 twin differs
+
+
+def test_the_fingerprint_of_float32_models_is_unchanged():
+    from ohq_lightning.synthetic import model_fingerprint
+
+    model = nn.Linear(2, 2)
+    expected = __import__("hashlib").sha256(b"Linear")
+    for name, tensor in model.state_dict().items():
+        expected.update(name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        expected.update(tensor.numpy().tobytes())
+    assert model_fingerprint(model) == expected.hexdigest()[:24]
+
+
+@pytest.mark.parametrize("make", [gaussian_inputs, lambda example, n: distilled_inputs(make_tiny_net(), example, n)])
+def test_synthetic_inputs_accept_one_tensor_alone_or_in_a_one_tuple(make, tiny_input):
+    assert make((tiny_input,), 2).shape == (2, 3, 16, 16)
+    assert make([tiny_input], 2).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "distilled"])
+def test_synthetic_inputs_reject_models_called_with_several_inputs(kind, tiny_net, tiny_input):
+    for example in [(tiny_input, tiny_input), {"x": tiny_input}, [tiny_input, 2.0], ()]:
+        with pytest.raises(ValueError, match="a model called with one input tensor; got"):
+            synthetic_inputs(tiny_net, example, kind=kind, cache_dir=False, progress=False)
+
+
+def test_batchnorm_layers_the_forward_never_reaches_fall_back_to_gaussian(tmp_path):
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)  # defined, never called
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean(dim=(2, 3))
+
+    example = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="reaches none of its BatchNorm"):
+        inputs = distilled_inputs(Unused(), example, 3, cache_dir=tmp_path, progress=False)
+    assert torch.equal(inputs, gaussian_inputs(example, 3))
+    assert not list(tmp_path.rglob("*.npy"))  # the fallback is not cached as distilled inputs

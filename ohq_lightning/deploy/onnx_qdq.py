@@ -27,6 +27,7 @@ from torch import nn
 
 from ohq_lightning.layers import preserved_state
 from ohq_lightning.plan import Option
+from ohq_lightning.quant.fake_quant import int_range, mse_scale
 
 __all__ = ["ActivationRange", "activation_ranges", "export_onnx", "layer_nodes", "quantize_onnx_layers"]
 
@@ -115,7 +116,8 @@ def activation_ranges(
     probe = onnx.ModelProto()
     probe.CopyFrom(onnx_model)
     present = {output.name for output in probe.graph.output}
-    tensors = sorted({name for group in nodes.values() for node in group for name in (node.input[0], node.output[0])})
+    anchors = {id(node): _output_anchor(onnx_model, node).output[0] for group in nodes.values() for node in group}
+    tensors = sorted({n.input[0] for group in nodes.values() for n in group} | set(anchors.values()))
     for name in tensors:
         if name not in present:
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -127,6 +129,8 @@ def activation_ranges(
     batch_size = session.get_inputs()[0].shape[0]
     for batch in batches:
         array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        if isinstance(batch_size, int) and len(array) % batch_size:
+            raise ValueError(f"calibration batches must hold a multiple of the exported batch size {batch_size}")
         chunks = [array] if not isinstance(batch_size, int) else np.split(array, len(array) // batch_size)
         for chunk in chunks:  # the exported graph has a fixed batch size
             for name, value in zip(outputs, session.run(None, {input_name: chunk.astype(np.float32)}), strict=True):
@@ -138,7 +142,7 @@ def activation_ranges(
         return ActivationRange(min(low[n] for n in names), max(high[n] for n in names))
 
     return {
-        layer: (merged([n.input[0] for n in group]), merged([n.output[0] for n in group]))
+        layer: (merged([n.input[0] for n in group]), merged([anchors[id(n)] for n in group]))
         for layer, group in nodes.items()
     }
 
@@ -160,110 +164,169 @@ def _initializer(onnx_model: Any, name: str) -> np.ndarray | None:
     return None
 
 
+def quantize_weight_per_channel(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Signed ``bits``-bit per-output-channel weights stored in int8, with MSE-optimal step sizes.
+
+    The step sizes are the ones the fake-quant modules start from (:func:`~ohq_lightning.quant.fake_quant.mse_scale`),
+    so a deployed layer quantizes its weights as MQE scored them. All-zero channels get step 1.
+    Returns ``(int8 weights, float32 scales)``.
+    """
+    scale = mse_scale(torch.from_numpy(np.array(weight, dtype=np.float32)), bits, signed=True, dim=0)
+    scale = scale.reshape(-1).numpy()
+    alive = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1) > 0
+    scale = np.where(alive, scale, 1.0).astype(np.float32)
+    qmin, qmax = int_range(bits, signed=True)
+    shaped = scale.reshape(-1, *[1] * (weight.ndim - 1))
+    return np.clip(np.round(weight / shaped), qmin, qmax).astype(np.int8), scale
+
+
+def _output_anchor(graph: Any, node: Any) -> Any:
+    """The node whose output gets the layer's output quantize/dequantize: the layer itself, or the
+    ``Relu``/``Clip`` right after it when that is its only consumer (ORT folds it into the int8 kernel)."""
+    consumers = [other for other in graph.graph.node if node.output[0] in other.input]
+    graph_outputs = {value.name for value in graph.graph.output}
+    if len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip") and node.output[0] not in graph_outputs:
+        return consumers[0]
+    return node
+
+
+class QDQBuilder:
+    """Builds QDQ variants of one float ONNX graph, quantizing each layer's weights only once.
+
+    Example:
+        >>> builder = QDQBuilder(graph, ranges)  # doctest: +SKIP
+        >>> int8 = builder.build({"conv1": "w8a8", "fc": "w4a8"})  # doctest: +SKIP
+    """
+
+    def __init__(self, onnx_model: Any, ranges: Mapping[str, tuple[ActivationRange, ActivationRange]]) -> None:
+        self.graph = onnx_model
+        self.ranges = dict(ranges)
+        self._weights: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _weight(self, tag: str, node: Any, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+        weight = _initializer(self.graph, node.input[1])
+        if weight is None:
+            raise ValueError(f"layer {tag!r}: its weight is not a constant of the exported graph")
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node))
+        key = (tag, bits)
+        if key not in self._weights:
+            w_q, w_scale = quantize_weight_per_channel(weight.T if transposed else weight, bits)
+            self._weights[key] = (w_q.T.copy() if transposed else w_q, w_scale)
+        w_q, w_scale = self._weights[key]
+        return w_q, w_scale, 1 if transposed else 0
+
+    def build(self, options: Mapping[str, str]) -> Any:
+        """A copy of the graph where every layer with an integer option is in QDQ form.
+
+        Args:
+            options: layer name -> option name (``"w8a8"``, ``"w4a8"``, ``"fp32"``...); float options
+                and layers not named stay float.
+
+        Raises:
+            ValueError: a layer not in the graph or without ranges, or an option ORT's integer kernels
+                cannot run (activations other than 8 bits, or weight-only options, which run in float).
+        """
+        import onnx
+
+        integer = {name: Option.parse(opt) for name, opt in options.items() if not Option.parse(opt).is_float}
+        for name, option in integer.items():
+            if option.act_bits != 8:
+                raise ValueError(
+                    f"layer {name!r}: {option.name} cannot run on ORT's integer kernels, which take 8-bit "
+                    "activations (weight-only options run in float: leave them out)"
+                )
+        missing_ranges = sorted(set(integer) - set(self.ranges))
+        if missing_ranges:
+            raise ValueError(f"no activation ranges for layers {missing_ranges}")
+        model = onnx.ModelProto()
+        model.CopyFrom(self.graph)
+        nodes = layer_nodes(model, list(integer))
+        missing = sorted(set(integer) - set(nodes))
+        if missing:
+            raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
+        for name, option in integer.items():
+            for index, node in enumerate(nodes[name]):
+                assert option.weight_bits is not None
+                self._quantize_node(model, f"{name}#{index}", node, option.weight_bits, self.ranges[name])
+        used = {tensor for node in model.graph.node for tensor in node.input}
+        for init in [init for init in model.graph.initializer if init.name not in used]:
+            model.graph.initializer.remove(init)  # the float weights and biases the QDQ copies replaced
+        onnx.checker.check_model(model)
+        return model
+
+    def _quantize_node(
+        self, model: Any, tag: str, node: Any, bits: int, ranges: tuple[ActivationRange, ActivationRange]
+    ) -> None:
+        from onnx import helper, numpy_helper
+
+        x_scale, x_zp = ranges[0].qparams()
+        y_scale, y_zp = ranges[1].qparams()
+        w_q, w_scale, axis = self._weight(tag.rsplit("#", 1)[0], node, bits)
+        inits = [
+            numpy_helper.from_array(w_q, f"{tag}.w_q"),
+            numpy_helper.from_array(w_scale, f"{tag}.w_scale"),
+            numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{tag}.w_zp"),
+            numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}.x_scale"),
+            numpy_helper.from_array(np.array(x_zp, np.uint8), f"{tag}.x_zp"),
+            numpy_helper.from_array(np.array(y_scale, np.float32), f"{tag}.y_scale"),
+            numpy_helper.from_array(np.array(y_zp, np.uint8), f"{tag}.y_zp"),
+        ]
+        pre = [
+            helper.make_node("QuantizeLinear", [node.input[0], f"{tag}.x_scale", f"{tag}.x_zp"], [f"{tag}.xq"]),
+            helper.make_node("DequantizeLinear", [f"{tag}.xq", f"{tag}.x_scale", f"{tag}.x_zp"], [f"{tag}.xd"]),
+            _dequantize(f"{tag}.w", f"{tag}.wd", axis=axis),
+        ]
+        inputs = [f"{tag}.xd", f"{tag}.wd"]
+        bias = _initializer(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and node.op_type != "MatMul":
+            b_scale = (w_scale * x_scale).astype(np.float32)
+            limits = np.iinfo(np.int32)
+            b_q = np.clip(np.round(bias / b_scale), limits.min, limits.max).astype(np.int32)
+            inits += [
+                numpy_helper.from_array(b_q, f"{tag}.b_q"),
+                numpy_helper.from_array(b_scale, f"{tag}.b_scale"),
+                numpy_helper.from_array(np.zeros_like(b_q), f"{tag}.b_zp"),
+            ]
+            pre.append(_dequantize(f"{tag}.b", f"{tag}.bd", axis=0))
+            inputs.append(f"{tag}.bd")
+        elif len(node.input) > 2:
+            inputs.append(node.input[2])
+        anchor = _output_anchor(model, node)
+        output = anchor.output[0]
+        post = [
+            helper.make_node("QuantizeLinear", [f"{tag}.y", f"{tag}.y_scale", f"{tag}.y_zp"], [f"{tag}.yq"]),
+            helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [output]),
+        ]
+        del node.input[:]
+        node.input.extend(inputs)
+        anchor.output[0] = f"{tag}.y"
+        nodes = model.graph.node
+        position = list(nodes).index(node)
+        for offset, new in enumerate(pre):
+            nodes.insert(position + offset, new)
+        position = list(nodes).index(anchor)
+        for offset, new in enumerate(post):
+            nodes.insert(position + 1 + offset, new)
+        model.graph.initializer.extend(inits)
+
+
 def quantize_onnx_layers(
     onnx_model: Any,
     options: Mapping[str, str],
     ranges: Mapping[str, tuple[ActivationRange, ActivationRange]],
 ) -> Any:
-    """A copy of ``onnx_model`` where every layer whose option is an integer option is in QDQ form.
+    """A copy of ``onnx_model`` where every layer with an integer option is in QDQ form (see :class:`QDQBuilder`).
 
-    Args:
-        onnx_model: the float graph from :func:`export_onnx`.
-        options: layer name -> option name (``"w8a8"``, ``"w4a8"``, ``"fp32"``...); float options
-            and layers not named stay float.
-        ranges: layer name -> (input range, output range), e.g. from :func:`activation_ranges`.
-
-    Raises:
-        ValueError: a layer that is not in the graph, or an option that is not integer 8-bit-activation.
+    ``ranges`` maps layer name -> (input range, output range), e.g. from :func:`activation_ranges`.
     """
-    import onnx
-    from onnx import helper, numpy_helper
+    return QDQBuilder(onnx_model, ranges).build(options)
 
-    model = onnx.ModelProto()
-    model.CopyFrom(onnx_model)
-    integer = {name: Option.parse(opt) for name, opt in options.items() if not Option.parse(opt).is_float}
-    for name, option in integer.items():
-        if option.act_bits not in (None, 8):
-            raise ValueError(f"layer {name!r}: ORT's integer kernels need 8-bit activations, not {option.name}")
-    nodes = layer_nodes(model, list(integer))
-    missing = sorted(set(integer) - set(nodes))
-    if missing:
-        raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
-    new_inits: list[Any] = []
-    for name, option in integer.items():
-        in_range, out_range = ranges[name]
-        x_scale, x_zp = in_range.qparams()
-        y_scale, y_zp = out_range.qparams()
-        for index, node in enumerate(nodes[name]):
-            tag = f"{name}#{index}"
-            weight = _initializer(model, node.input[1])
-            if weight is None:
-                raise ValueError(f"layer {name!r}: its weight is not a constant of the exported graph")
-            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node))
-            w = weight.T if transposed else weight
-            assert option.weight_bits is not None
-            qmax = 2 ** (option.weight_bits - 1) - 1
-            w_scale = np.maximum(np.abs(w.reshape(w.shape[0], -1)).max(axis=1) / qmax, 1e-12).astype(np.float32)
-            w_q = np.clip(np.round(w / w_scale.reshape(-1, *[1] * (w.ndim - 1))), -qmax - 1, qmax).astype(np.int8)
-            if transposed:
-                w_q = w_q.T.copy()
-            axis = 1 if transposed else 0
-            new_inits += [
-                numpy_helper.from_array(w_q, f"{tag}.w_q"),
-                numpy_helper.from_array(w_scale, f"{tag}.w_scale"),
-                numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{tag}.w_zp"),
-                numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}.x_scale"),
-                numpy_helper.from_array(np.array(x_zp, np.uint8), f"{tag}.x_zp"),
-                numpy_helper.from_array(np.array(y_scale, np.float32), f"{tag}.y_scale"),
-                numpy_helper.from_array(np.array(y_zp, np.uint8), f"{tag}.y_zp"),
-            ]
-            pre = [
-                helper.make_node("QuantizeLinear", [node.input[0], f"{tag}.x_scale", f"{tag}.x_zp"], [f"{tag}.xq"]),
-                helper.make_node("DequantizeLinear", [f"{tag}.xq", f"{tag}.x_scale", f"{tag}.x_zp"], [f"{tag}.xd"]),
-                helper.make_node(
-                    "DequantizeLinear", [f"{tag}.w_q", f"{tag}.w_scale", f"{tag}.w_zp"], [f"{tag}.wd"], axis=axis
-                ),
-            ]
-            inputs = [f"{tag}.xd", f"{tag}.wd"]
-            if len(node.input) > 2 and node.input[2]:
-                bias = _initializer(model, node.input[2])
-                if bias is not None and node.op_type != "MatMul":
-                    b_scale = (w_scale * x_scale).astype(np.float32)
-                    b_q = np.round(bias / b_scale).astype(np.int32)
-                    new_inits += [
-                        numpy_helper.from_array(b_q, f"{tag}.b_q"),
-                        numpy_helper.from_array(b_scale, f"{tag}.b_scale"),
-                        numpy_helper.from_array(np.zeros_like(b_q), f"{tag}.b_zp"),
-                    ]
-                    pre.append(
-                        helper.make_node(
-                            "DequantizeLinear", [f"{tag}.b_q", f"{tag}.b_scale", f"{tag}.b_zp"], [f"{tag}.bd"], axis=0
-                        )
-                    )
-                    inputs.append(f"{tag}.bd")
-                else:
-                    inputs.append(node.input[2])
-            output = node.output[0]
-            post = [
-                helper.make_node("QuantizeLinear", [f"{tag}.y", f"{tag}.y_scale", f"{tag}.y_zp"], [f"{tag}.yq"]),
-                helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [output]),
-            ]
-            del node.input[:]
-            node.input.extend(inputs)
-            node.output[0] = f"{tag}.y"
-            position = list(model.graph.node).index(node)
-            for offset, new in enumerate(pre):
-                model.graph.node.insert(position + offset, new)
-            position = list(model.graph.node).index(node)
-            for offset, new in enumerate(post):
-                model.graph.node.insert(position + 1 + offset, new)
-    model.graph.initializer.extend(new_inits)
-    used = {name for node in model.graph.node for name in node.input}
-    unused = [init for init in model.graph.initializer if init.name not in used]
-    for init in unused:  # the float weights and biases the QDQ copies replaced
-        model.graph.initializer.remove(init)
-    onnx.checker.check_model(model)
-    return model
+
+def _dequantize(prefix: str, output: str, *, axis: int) -> Any:
+    """``DequantizeLinear(prefix_q, prefix_scale, prefix_zp) -> output`` along ``axis``."""
+    from onnx import helper
+
+    return helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"], [output], axis=axis)
 
 
 def _trans_b(node: Any) -> bool:

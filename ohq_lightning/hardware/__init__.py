@@ -6,15 +6,18 @@ from typing import Any
 
 from ohq_lightning.hardware.analytical import BIT_SERIAL_OPTIONS, DEFAULT_OPTIONS, AnalyticalTarget, BitSerialTarget
 from ohq_lightning.hardware.base import HardwareTarget
+from ohq_lightning.hardware.cpu import CPU_OPTIONS, CPUTarget
 from ohq_lightning.hardware.presets import ANALYTICAL_PRESETS, analytical_preset
 from ohq_lightning.hardware.table import TableTarget, export_cost_table, model_key
 
 __all__ = [
     "ANALYTICAL_PRESETS",
     "BIT_SERIAL_OPTIONS",
+    "CPU_OPTIONS",
     "DEFAULT_OPTIONS",
     "AnalyticalTarget",
     "BitSerialTarget",
+    "CPUTarget",
     "HardwareTarget",
     "TableTarget",
     "analytical_preset",
@@ -26,7 +29,7 @@ __all__ = [
 
 
 def _factories() -> dict[str, Any]:
-    return {"analytical": AnalyticalTarget, "table": TableTarget, **ANALYTICAL_PRESETS}
+    return {"analytical": AnalyticalTarget, "cpu": CPUTarget, "table": TableTarget, **ANALYTICAL_PRESETS}
 
 
 def known_targets() -> list[str]:

@@ -96,7 +96,14 @@ class AnalyticalTarget:
             source="analytical",
         )
 
-    def costs(self, layers: Sequence[LayerInfo], options: Sequence[str] | None = None) -> CostTable:
+    def costs(
+        self,
+        layers: Sequence[LayerInfo],
+        options: Sequence[str] | None = None,
+        *,
+        model: Any = None,
+        example_inputs: Any = None,
+    ) -> CostTable:
         """Cost table of ``layers`` at ``options`` (default: this target's options)."""
         parsed = parse_options(self.options if options is None else options)
         return _estimated_table(
@@ -203,7 +210,14 @@ class BitSerialTarget:
             source="analytical",
         )
 
-    def costs(self, layers: Sequence[LayerInfo], options: Sequence[str] | None = None) -> CostTable:
+    def costs(
+        self,
+        layers: Sequence[LayerInfo],
+        options: Sequence[str] | None = None,
+        *,
+        model: Any = None,
+        example_inputs: Any = None,
+    ) -> CostTable:
         """Cost table of ``layers`` at ``options`` (default: this target's options)."""
         parsed = self._integer_options(self.options if options is None else options)
         return _estimated_table(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ohq_lightning.plan import CostTable, LayerInfo
 
@@ -22,6 +22,17 @@ class HardwareTarget(Protocol):
     name: str
     options: tuple[str, ...]
 
-    def costs(self, layers: Sequence[LayerInfo], options: Sequence[str] | None = None) -> CostTable:
-        """Cost of every layer at every option (``options`` defaults to the target's own)."""
+    def costs(
+        self,
+        layers: Sequence[LayerInfo],
+        options: Sequence[str] | None = None,
+        *,
+        model: Any = None,
+        example_inputs: Any = None,
+    ) -> CostTable:
+        """Cost of every layer at every option (``options`` defaults to the target's own).
+
+        ``model`` and ``example_inputs`` are the float model and its input, for targets that
+        measure the network in context (others ignore them).
+        """
         ...

@@ -19,9 +19,12 @@ import numpy as np
 
 from ohq_lightning.plan import LayerInfo
 
-__all__ = ["ORT_KERNELS", "layer_graph", "ort_runner", "ort_session", "transition_graph"]
+__all__ = ["ORT_DISABLED_OPTIMIZERS", "ORT_KERNELS", "layer_graph", "ort_runner", "ort_session", "transition_graph"]
 
 ORT_KERNELS = ("fp32", "int8")
+#: ORT would otherwise quantize a float layer it finds between a dequantize and a quantize on its own,
+#: running layers in int8 that the plan leaves in float.
+ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 _OPSET = 17
 
 
@@ -65,8 +68,9 @@ def layer_graph(layer: LayerInfo, kernel: str, *, seed: int = 0) -> tuple[Any, d
         feed = rng.standard_normal(layer.in_shape).astype(np.float32)
         core_out = "y"
     else:
-        w_scale = np.abs(weight).reshape(out_features, -1).max(axis=1) / 127.0
-        w_q = np.clip(np.round(weight / w_scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127).astype(np.int8)
+        from ohq_lightning.deploy.onnx_qdq import quantize_weight_per_channel
+
+        w_q, w_scale = quantize_weight_per_channel(weight, 8)
         axis = 0
         if not conv and not linear_2d:  # MatMul takes W as [in, out]: per-column scales
             w_q, axis = w_q.T.copy(), 1
@@ -145,7 +149,10 @@ def transition_graph(shape: list[int], direction: str) -> tuple[Any, dict[str, n
 
 
 def ort_session(model_bytes: bytes, threads: int) -> Any:
-    """An ``InferenceSession`` on the CPU with the settings that matter here (all graph optimisations)."""
+    """An ``InferenceSession`` on the CPU with the settings that matter here.
+
+    All graph optimisations are on (fusions, blocked layouts), except :data:`ORT_DISABLED_OPTIMIZERS`.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -154,7 +161,12 @@ def ort_session(model_bytes: bytes, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model_bytes,
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
+    )
 
 
 def ort_runner(model: Any, feed: dict[str, np.ndarray], threads: int) -> Callable[[], object]:

@@ -145,7 +145,14 @@ class TableTarget:
             )
         return names
 
-    def costs(self, layers: Sequence[LayerInfo], options: Sequence[str] | None = None) -> CostTable:
+    def costs(
+        self,
+        layers: Sequence[LayerInfo],
+        options: Sequence[str] | None = None,
+        *,
+        model: Any = None,
+        example_inputs: Any = None,
+    ) -> CostTable:
         """Cost table of ``layers`` at ``options`` (default: this target's options), read from the file.
 
         Raises:

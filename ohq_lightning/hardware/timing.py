@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 import warnings
@@ -14,6 +15,8 @@ import torch
 from ohq_lightning.plan import _JsonMixin
 
 __all__ = ["RaplEnergyMeter", "Timing", "TimingSettings", "set_threads", "time_callable"]
+
+_PACKAGE_ZONE = re.compile(r"intel-rapl:\d+")
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,16 @@ def set_threads(threads: int) -> int:
 class RaplEnergyMeter:
     """CPU package energy from Linux RAPL powercap counters, where they are readable.
 
+    Only package zones (``intel-rapl:<n>``) are summed: their subzones (``intel-rapl:<n>:<m>``,
+    core/uncore/dram), which also appear at the top of the powercap tree, would count twice.
     ``available`` is False when the counters are absent or unreadable (containers, most VMs):
     then no energy is reported at all, never an estimate.
     """
 
     def __init__(self, root: str | Path = "/sys/class/powercap") -> None:
-        self._files = sorted(Path(root).glob("intel-rapl:[0-9]*/energy_uj"))
+        self._files = sorted(
+            path for path in Path(root).glob("intel-rapl:*/energy_uj") if _PACKAGE_ZONE.fullmatch(path.parent.name)
+        )
         self.available = bool(self._files) and all(self._read_one(f) is not None for f in self._files)
 
     @staticmethod

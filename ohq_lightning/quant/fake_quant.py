@@ -45,9 +45,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) ->
 def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) -> torch.Tensor:
     """Step size that minimises the squared quantization error of ``x``, searched over clipping ratios.
 
-    With ``dim`` the search is per slice along that dimension (per output channel for weights);
-    without it, one scale for the whole tensor. Low bit-widths clip far below the maximum,
-    which is why a plain max-based scale fails at 2-4 bits.
+    With ``dim`` the search is per slice along that dimension (per output channel for weights),
+    and the scales lie along ``dim`` of a tensor that broadcasts against ``x``; without it, one
+    scale for the whole tensor. Low bit-widths clip far below the maximum, which is why a plain
+    max-based scale fails at 2-4 bits.
     """
     qmin, qmax = int_range(bits, signed)
     x = x.detach().float()
@@ -69,7 +70,7 @@ def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) 
     if dim is None:
         return best.reshape(())
     shape = [1] * x.dim()
-    shape[0] = -1
+    shape[dim] = -1
     return best.reshape(shape)
 
 
@@ -102,12 +103,14 @@ class WeightFakeQuant(nn.Module):
 
 
 class ActivationFakeQuant(nn.Module):
-    """Per-tensor fake-quant of a layer's input: unsigned when the input is non-negative, else signed.
+    """Per-tensor fake-quant of a layer's input, on a signed or an unsigned grid.
 
-    It starts uncalibrated. In calibration mode (:meth:`observe`) it passes inputs through
-    unchanged and records the MSE-optimal step size and the sign of every batch; ``finish``
-    turns those into the learnable step size. An uncalibrated quantizer that meets its first
-    batch outside calibration initialises itself from that batch.
+    ``signed`` fixes the grid; ``None`` (the default) leaves it to calibration: unsigned when
+    every observed input is non-negative, else signed. It starts uncalibrated. In calibration
+    mode (:meth:`observe`) it passes inputs through unchanged and records the MSE-optimal step
+    size (and the sign) of every batch; ``finish`` turns those into the learnable step size. An
+    uncalibrated quantizer that meets its first batch outside calibration initialises itself
+    from that batch.
     """
 
     def __init__(self, bits: int, signed: bool | None = None) -> None:
@@ -116,13 +119,14 @@ class ActivationFakeQuant(nn.Module):
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else False))
         self.register_buffer("calibrated", torch.tensor(False))
+        self._sign_fixed = signed is not None
         self._observing = False
         self._scales: list[torch.Tensor] = []
         self._any_negative = False
 
     @property
     def int_range(self) -> tuple[int, int]:
-        """The integer grid in use (depends on the sign found at calibration)."""
+        """The integer grid in use (the sign given, or else the one found at calibration)."""
         return int_range(self.bits, bool(self.signed))
 
     def observe(self) -> None:
@@ -136,11 +140,11 @@ class ActivationFakeQuant(nn.Module):
         self._scales.append(torch.stack([mse_scale(x, self.bits, signed=False), mse_scale(x, self.bits, signed=True)]))
 
     def finish(self) -> None:
-        """End calibration: set the sign and the step size from what was observed."""
+        """End calibration: set the step size, and the sign unless it was given, from what was observed."""
         self._observing = False
         if not self._scales:
             return
-        signed = self._any_negative
+        signed = bool(self.signed) if self._sign_fixed else self._any_negative
         with torch.no_grad():
             self.signed.fill_(signed)
             self.scale.copy_(torch.stack(self._scales)[:, int(signed)].mean())

@@ -77,30 +77,65 @@ def apply_plan(
             continue
         swaps.append((name, module, option))
     signs = dict(input_signed or {})
-    for name, module, option in swaps:
-        wrapper = QuantLayer(module, option, input_signed=signs.get(name))
-        wrapper.to(device=module.weight.device)
-        wrapper.train(module.training)
-        for parent, attr in _references(model, module):
-            setattr(parent, attr, wrapper)
+    wrappers = [(module, _wrap(module, option, signs.get(name))) for name, module, option in swaps]
+    for module, wrapper in wrappers:  # every wrapper is built before the first swap
+        _replace(model, module, wrapper)
     return model
 
 
-def strip_plan(model: nn.Module) -> nn.Module:
-    """Replace every :class:`QuantLayer` in ``model`` by the plain module it wraps (in place)."""
-    for wrapper in list(quantized_layers(model).values()):
-        for parent, attr in _references(model, wrapper):
-            setattr(parent, attr, wrapper.module)
+def _wrap(module: nn.Module, option: Option, input_signed: bool | None) -> QuantLayer:
+    wrapper = QuantLayer(module, option, input_signed=input_signed)
+    wrapper.to(device=module.weight.device)
+    wrapper.train(module.training)
+    return wrapper
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent, attr in _references(model, old):
+        setattr(parent, attr, new)
+
+
+def strip_plan(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+    """Replace :class:`QuantLayer` modules in ``model`` by the plain modules they wrap (in place).
+
+    Args:
+        model: the model to strip (changed in place and returned).
+        names: the layers to strip (any name a shared layer has will do); ``None`` strips them all.
+            Every name is checked before anything changes.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> _ = strip_plan(apply_plan(model, {"0": "w8a8", "2": "w4a8"}), ["2"])
+        >>> sorted(quantized_layers(model))
+        ['0']
+    """
+    if names is None:
+        wrappers = list(quantized_layers(model).values())
+    else:
+        wrappers = [_quant_layer(model, name) for name in names]
+    for wrapper in wrappers:
+        _replace(model, wrapper, wrapper.module)
     return model
+
+
+def _quant_layer(model: nn.Module, name: str) -> QuantLayer:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, QuantLayer):
+        raise ValueError(f"layer {name!r} is not a fake-quant layer of the model, so it cannot be stripped")
+    return module
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> int:
     """Set the activation step sizes of ``model``'s fake-quant layers from ``batches`` of inputs.
 
     Each batch is what the model is called with (a tensor, a tuple of arguments or a dict of
-    keywords). Quantizers pass activations through in float while they observe, so each layer is
-    calibrated on the float distribution of its input. Runs in eval mode without gradients and
-    restores the mode after. Returns the number of batches seen.
+    keywords). Quantizers pass activations through in float while they observe, but weight
+    fake-quant stays on: each layer's input is observed with the weights upstream already
+    fake-quantized and the activations upstream in float. Runs in eval mode without gradients
+    and restores the mode after. Returns the number of batches seen.
     """
     quantizers = [m for m in model.modules() if isinstance(m, ActivationFakeQuant)]
     count = 0

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from conftest import make_tiny_net
+
+import ohq_lightning as ohq
+from ohq_lightning.hardware import CPUTarget, create_target
+from ohq_lightning.hardware.timing import TimingSettings
+from ohq_lightning.layers import trace_layers
+
+QUICK = TimingSettings(warmup=1, min_repeats=3, max_repeats=20, max_seconds=0.02, rel_spread=0.05)
+
+
+@pytest.fixture
+def traced():
+    model = make_tiny_net()
+    example = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return model, example, trace_layers(model, example).layers
+
+
+def test_cpu_target_measures_in_context_and_fits_a_cost_table(traced, tmp_path):
+    model, example, layers = traced
+    target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    table = target.costs(layers, model=model, example_inputs=example)
+    assert table.target == "cpu" and table.options == ["fp32", "w8a8", "w4a8", "w2a8"]
+    assert table.base_latency_ms > 0 and set(table.transition_ms) == {layer.name for layer in layers[:-1]}
+    assert all(value >= 0 for value in table.transition_ms.values())
+    for layer in layers:
+        row = table.costs[layer.name]
+        assert {cost.source for cost in row.values()} == {"measured"}
+        assert row["fp32"].latency_ms == 0.0  # integer entries are deltas against FP32 in context
+        assert row["w8a8"].latency_ms == row["w4a8"].latency_ms == row["w2a8"].latency_ms  # one int8 kernel
+        assert row["w4a8"].weight_bytes == row["w8a8"].weight_bytes / 2  # packed size
+        assert row["fp32"].energy_mj is None  # no energy counter: absent, never invented
+    fit = table.meta["fit"]
+    assert fit["samples"] > fit["unknowns"] / 2 and fit["measured_now"] == fit["samples"]
+    assert fit["fp32_ms"] > 0 and fit["int8_ms"] > 0
+
+
+def test_a_second_profile_reads_the_cache_and_force_measures_again(traced, tmp_path):
+    model, example, layers = traced
+    first = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    cold = first.costs(layers, model=model, example_inputs=example)
+    warm = first.costs(layers, model=model, example_inputs=example)
+    assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
+    assert warm.base_latency_ms == cold.base_latency_ms
+    forced = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False, force=True)
+    assert forced.costs(layers, model=model, example_inputs=example).meta["fit"]["measured_now"] > 0
+
+
+def test_search_on_the_cpu_target_meets_a_latency_budget(traced, tmp_path):
+    model, example, _ = traced
+    target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    loose = ohq.search(
+        model, example, target=target, compression_ratio=1.0, num_samples=4, distill_steps=2, progress=False
+    )
+    budget = loose.predicted["latency_ms"] * 1.5
+    plan = ohq.search(
+        model, example, target=target, latency_budget=budget, num_samples=4, distill_steps=2, progress=False
+    )
+    assert plan.predicted["latency_ms"] <= budget * (1 + 1e-9) and plan.target == "cpu"
+    assert "base_latency_ms" in plan.predicted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"options": ("fp32", "bf16")}, "cannot run in ONNX Runtime"),
+        ({"options": ("w8a4",)}, "cannot run in ONNX Runtime"),
+        ({"runtime": "tvm"}, "unknown runtime"),
+        ({"threads": 0}, "threads"),
+        ({"samples_per_layer": 1}, "samples_per_layer"),
+    ],
+)
+def test_bad_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CPUTarget(**kwargs)
+
+
+def test_the_cpu_target_needs_the_model(traced):
+    _, _, layers = traced
+    with pytest.raises(ValueError, match="in context"):
+        create_target("cpu").costs(layers)
