@@ -250,6 +250,17 @@ class CostTable(_JsonMixin):
         """Layer names in table order."""
         return list(self.costs)
 
+    def predicted_latency_ms(self, assignment: dict[str, str]) -> float:
+        """End-to-end latency this table predicts for ``assignment`` (layer -> option): base + layers + transitions.
+
+        A transition after a layer is paid when exactly one of it and the next layer runs an integer option.
+        """
+        names = self.layers
+        integer = [not Option.parse(assignment[name]).is_float for name in names]
+        total = (self.base_latency_ms or 0.0) + sum(self.costs[n][assignment[n]].latency_ms or 0.0 for n in names)
+        pairs = zip(names, integer, integer[1:], strict=False)
+        return total + sum(self.transition_ms.get(name, 0.0) for name, here, after in pairs if here != after)
+
     def has_metric(self, metric: str, options: Sequence[str] | None = None) -> bool:
         """True when every entry (at ``options``, default all) has a value for ``metric`` (``latency_ms``...)."""
         wanted = None if options is None else set(options)

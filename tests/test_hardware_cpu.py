@@ -80,3 +80,14 @@ def test_the_cpu_target_needs_the_model(traced):
     _, _, layers = traced
     with pytest.raises(ValueError, match="in context"):
         create_target("cpu").costs(layers)
+
+
+def test_the_table_prediction_agrees_with_the_solver(traced, tmp_path):
+    model, example, _ = traced
+    target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    plan = ohq.search(
+        model, example, target=target, compression_ratio=0.6, num_samples=4, distill_steps=2, progress=False
+    )
+    layers = trace_layers(model, example).layers
+    table = target.costs(layers, model=model, example_inputs=example)
+    assert table.predicted_latency_ms(plan.assignment) == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)

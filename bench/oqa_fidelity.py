@@ -1,0 +1,101 @@
+"""OQA fidelity: does the measured cpu target predict the end-to-end latency of plans it never timed?
+
+For each model at 1x3x224x224 in ONNX Runtime (1 thread by default), this profiles the network with
+the `cpu` target (cold, in a fresh cache, then warm from the cache), then deploys five plans --
+uniform FP32, uniform INT8, the latency-optimal mix according to the fitted table, and two random
+mixes (30% and 70% INT8, seeds unseen by the profile) -- and times each end to end, interleaved
+over rounds. It prints one JSON object with predicted and measured milliseconds, their relative
+error (target: every |error| <= 10%), the fit's own diagnostics, and the cold and warm profiling
+seconds (target: warm >= 10x faster than cold).
+
+    python bench/oqa_fidelity.py [--models resnet18 mobilenetv3_small_100 mobilenetv3_large_100] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import timm
+import torch
+
+from ohq_lightning.deploy import QDQBuilder, activation_ranges, export_onnx
+from ohq_lightning.hardware import CPUTarget
+from ohq_lightning.hardware.ort_ops import ort_session
+from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_callable
+from ohq_lightning.layers import trace_layers
+from ohq_lightning.plan import SensitivityTable
+from ohq_lightning.solver import solve
+
+
+def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int) -> dict:
+    """Profile one model cold and warm, then compare predictions with measurements of five plans."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    example = torch.randn(1, 3, 224, 224)
+    layers = trace_layers(model, example).layers
+    names = [layer.name for layer in layers]
+    with tempfile.TemporaryDirectory() as cache:
+        target = CPUTarget(threads=threads, samples_per_layer=samples_per_layer, cache_dir=cache, progress=False)
+        started = time.perf_counter()
+        table = target.costs(layers, model=model, example_inputs=example)
+        cold_s = time.perf_counter() - started
+        started = time.perf_counter()
+        target.costs(layers, model=model, example_inputs=example)
+        warm_s = time.perf_counter() - started
+    zeros = SensitivityTable("none", {n: {"fp32": 0.0, "w8a8": 0.0} for n in names})
+    fastest = solve(zeros, table, options=["fp32", "w8a8"], minimize="latency", sensitivity_budget=1.0).assignment
+    rng = np.random.default_rng(12345)
+    plans = {
+        "fp32": dict.fromkeys(names, "fp32"),
+        "int8": dict.fromkeys(names, "w8a8"),
+        "latency_optimal_mix": fastest,
+        "random_30": {n: "w8a8" if rng.random() < 0.3 else "fp32" for n in names},
+        "random_70": {n: "w8a8" if rng.random() < 0.7 else "fp32" for n in names},
+    }
+    graph = export_onnx(model, example)
+    builder = QDQBuilder(graph, activation_ranges(graph, names, [torch.randn(2, 3, 224, 224)]))
+    sessions = {key: ort_session(builder.build(plan).SerializeToString(), threads) for key, plan in plans.items()}
+    feed = {"x": example.numpy()}
+    settings = TimingSettings(max_seconds=1.0, min_repeats=15)
+    samples: dict[str, list[float]] = {key: [] for key in plans}
+    for _ in range(rounds):
+        for key, session in sessions.items():
+            samples[key].append(time_callable(lambda s=session: s.run(None, feed), settings).median_ms)
+    results = {}
+    for key, plan in plans.items():
+        measured = statistics.median(samples[key])
+        predicted = table.predicted_latency_ms(plan)
+        results[key] = {
+            "int8_layers": sum(o != "fp32" for o in plan.values()),
+            "measured_ms": round(measured, 3),
+            "predicted_ms": round(predicted, 3),
+            "rel_error": round((predicted - measured) / measured, 3),
+        }
+    return {
+        "layers": len(names),
+        "plans": results,
+        "max_abs_rel_error": max(abs(r["rel_error"]) for r in results.values()),
+        "fit": table.meta["fit"],
+        "profile_s": {"cold": round(cold_s, 1), "warm": round(warm_s, 2), "cold_over_warm": round(cold_s / warm_s, 1)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenetv3_small_100", "mobilenetv3_large_100"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples-per-layer", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    results = {m: bench_model(m, args.threads, args.samples_per_layer, args.rounds) for m in args.models}
+    print(json.dumps({"bench": "oqa_fidelity", "runtime": "onnxruntime", "threads": args.threads, "models": results}))
+
+
+if __name__ == "__main__":
+    main()
