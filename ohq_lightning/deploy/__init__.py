@@ -2,10 +2,20 @@
 
 from ohq_lightning.deploy.onnx_qdq import (
     ActivationRange,
+    QDQBuilder,
     activation_ranges,
     export_onnx,
     layer_nodes,
     quantize_onnx_layers,
+    quantize_weight_per_channel,
 )
 
-__all__ = ["ActivationRange", "activation_ranges", "export_onnx", "layer_nodes", "quantize_onnx_layers"]
+__all__ = [
+    "ActivationRange",
+    "QDQBuilder",
+    "activation_ranges",
+    "export_onnx",
+    "layer_nodes",
+    "quantize_onnx_layers",
+    "quantize_weight_per_channel",
+]
