@@ -67,19 +67,25 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int) 
         for key, session in sessions.items():
             samples[key].append(time_callable(lambda s=session: s.run(None, feed), settings).median_ms)
     results = {}
+    fp32_measured = statistics.median(samples["fp32"])
+    fp32_predicted = table.predicted_latency_ms(plans["fp32"])
     for key, plan in plans.items():
         measured = statistics.median(samples[key])
         predicted = table.predicted_latency_ms(plan)
+        ratio_measured, ratio_predicted = measured / fp32_measured, predicted / fp32_predicted
         results[key] = {
             "int8_layers": sum(o != "fp32" for o in plan.values()),
             "measured_ms": round(measured, 3),
             "predicted_ms": round(predicted, 3),
             "rel_error": round((predicted - measured) / measured, 3),
+            # the same comparison with both sides divided by their FP32 figure: immune to the machine's drift
+            "rel_error_of_ratio_to_fp32": round((ratio_predicted - ratio_measured) / ratio_measured, 3),
         }
     return {
         "layers": len(names),
         "plans": results,
         "max_abs_rel_error": max(abs(r["rel_error"]) for r in results.values()),
+        "max_abs_rel_error_of_ratio": max(abs(r["rel_error_of_ratio_to_fp32"]) for r in results.values()),
         "fit": table.meta["fit"],
         "profile_s": {"cold": round(cold_s, 1), "warm": round(warm_s, 2), "cold_over_warm": round(cold_s / warm_s, 1)},
     }

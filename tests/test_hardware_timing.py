@@ -86,3 +86,14 @@ def test_rapl_meter_counts_packages_not_their_subzones(tmp_path):
         (tmp_path / name / "energy_uj").write_text(f"{value}\n")
     meter = RaplEnergyMeter(tmp_path)
     assert meter.available and meter.read_uj() == 3000
+
+
+def test_interleaved_timing_ranks_operations_and_reports_each():
+    from ohq_lightning.hardware.timing import time_interleaved
+
+    short, long = time_interleaved(
+        [lambda: time.sleep(0.001), lambda: time.sleep(0.003)],
+        TimingSettings(warmup=1, min_repeats=5, max_seconds=0.3),
+    )
+    assert short.repeats == long.repeats >= 5
+    assert 2.0 < long.median_ms / short.median_ms < 4.5

@@ -6,8 +6,9 @@ sum of isolated FP32 layer timings came to 1.1-1.2x the whole FP32 graph and the
 activations in blocked layouts, fuses activations into convolutions, and pays for every
 quantize/dequantize where the precision changes. So this target measures **in context**: it
 deploys the real network with a set of layers on ORT's integer kernels (the QDQ graph of
-:mod:`ohq_lightning.deploy.onnx_qdq`), times it end to end, and repeats for the all-FP32 graph,
-the all-INT8 graph and random mixes. It then fits an additive model to those measurements by
+:mod:`ohq_lightning.deploy.onnx_qdq`), times it end to end alternately with the all-FP32 graph
+(so that the ratio between them survives the drift of a shared machine), and repeats for the
+all-INT8 graph and random mixes. It then fits an additive model to those measurements by
 least squares::
 
     latency(plan) = base + sum(kappa[l] for integer layers l) + sum(T[i] for boundaries i that change precision)
@@ -28,8 +29,10 @@ machine (see :class:`~ohq_lightning.hardware.timing.RaplEnergyMeter`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
-from ohq_lightning.hardware.timing import TimingSettings, time_callable
+from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
 from ohq_lightning.progress import progress_bar
 
@@ -48,7 +51,8 @@ __all__ = ["CPU_OPTIONS", "RUNTIMES", "CPUTarget"]
 CPU_OPTIONS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w2a8")
 RUNTIMES = ("onnxruntime",)
 _P_INTEGER = (0.2, 0.5, 0.8)
-_METHOD = "in-context-qdq-v1"  # bump when what a sample measures changes, so old caches are not reused
+_METHOD = "in-context-qdq-v2-ratio-to-fp32"
+_REFERENCE = "reference:fp32_ms"  # bump when what a sample measures changes, so old caches are not reused
 
 
 def _kernel(option: Option) -> str:
@@ -102,7 +106,7 @@ class CPUTarget:
     options: tuple[str, ...] = CPU_OPTIONS
     samples_per_layer: float = 3.0
     timing: TimingSettings = field(
-        default_factory=lambda: TimingSettings(warmup=3, min_repeats=10, max_seconds=0.6, rel_spread=0.004)
+        default_factory=lambda: TimingSettings(warmup=3, min_repeats=10, max_seconds=1.0, rel_spread=0.004)
     )
     cache_dir: str | Path | bool | None = None
     force: bool = False
@@ -168,7 +172,7 @@ class CPUTarget:
                 "the cpu target measures the network in context: pass model= and example_inputs= "
                 "(ohq_lightning.search does)"
             )
-        from ohq_lightning.deploy.onnx_qdq import activation_ranges, export_onnx, layer_nodes, quantize_onnx_layers
+        from ohq_lightning.deploy.onnx_qdq import QDQBuilder, activation_ranges, export_onnx, layer_nodes
         from ohq_lightning.hardware.ort_ops import ort_session
         from ohq_lightning.synthetic import gaussian_inputs
 
@@ -183,15 +187,26 @@ class CPUTarget:
         feed = {"x": np.asarray(example_inputs.detach().cpu().numpy(), dtype=np.float32)}
         samples = self._samples(len(names))
         todo = [bits for bits in samples if self.force or cache.get(bits) is None]
+        reference = ort_session(graph.SerializeToString(), self.threads)
+        run_reference = functools.partial(reference.run, None, feed)
+        builder = QDQBuilder(graph, ranges)
+        reference_ms: list[float] = []
         for done, bits in enumerate(progress_bar(todo, desc="OQA: timing deployed graphs", enabled=self.progress)):
             chosen = {name: "w8a8" for name, bit in zip(names, bits, strict=True) if bit == "1"}
-            deployed = quantize_onnx_layers(graph, chosen, ranges) if chosen else graph
-            session = ort_session(deployed.SerializeToString(), self.threads)
-            cache.put(bits, time_callable(lambda s=session: s.run(None, feed), self.timing))
+            session = ort_session(builder.build(chosen).SerializeToString(), self.threads)
+            timed, ref = time_interleaved([lambda s=session: s.run(None, feed), run_reference], self.timing)
+            reference_ms.append(ref.median_ms)
+            # Each entry is the ratio to the FP32 graph timed alternately with it: drift of a shared
+            # machine cancels out.
+            cache.put(bits, Timing(timed.median_ms / ref.median_ms, timed.spread, timed.repeats))
             if done % 10 == 9:
+                cache.put(_REFERENCE, Timing(statistics.median(reference_ms), 0.0, len(reference_ms)))
                 cache.save()  # an interrupted profile resumes from here
+        if reference_ms:
+            cache.put(_REFERENCE, Timing(statistics.median(reference_ms), 0.0, len(reference_ms)))
         cache.save()
-        measured = {bits: cache.get(bits).median_ms for bits in samples}  # type: ignore[union-attr]
+        fp32_ms = cache.get(_REFERENCE).median_ms  # type: ignore[union-attr]
+        measured = {bits: cache.get(bits).median_ms * fp32_ms for bits in samples}  # type: ignore[union-attr]
         base, kappa, transitions, fit = _fit(measured, len(names), self.seed)
         fit.update(measured_now=len(todo), from_cache=len(samples) - len(todo))
 

@@ -6,7 +6,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 
 from ohq_lightning.plan import _JsonMixin
 
-__all__ = ["RaplEnergyMeter", "Timing", "TimingSettings", "set_threads", "time_callable"]
+__all__ = ["RaplEnergyMeter", "Timing", "TimingSettings", "set_threads", "time_callable", "time_interleaved"]
 
 _PACKAGE_ZONE = re.compile(r"intel-rapl:\d+")
 
@@ -70,22 +70,42 @@ def time_callable(fn: Callable[[], object], settings: TimingSettings | None = No
         >>> timing.median_ms > 0 and timing.repeats >= 7
         True
     """
+    return time_interleaved([fn], settings)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], settings: TimingSettings | None = None) -> list[Timing]:
+    """Time several operations in turn (a, b, a, b, ...) so that drift of a shared machine hits all alike.
+
+    Stops when every median is stable (see :class:`TimingSettings`) or at a cap; ``max_seconds``
+    bounds the whole run. Compare the medians as ratios.
+
+    Example:
+        >>> fast, slow = time_interleaved([lambda: None, lambda: sum(range(10_000))], TimingSettings(max_seconds=0.05))
+        >>> fast.median_ms < slow.median_ms
+        True
+    """
     settings = settings or TimingSettings()
     for _ in range(settings.warmup):
-        fn()
-    samples: list[float] = []
+        for fn in fns:
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
     started = time.perf_counter()
-    while len(samples) < settings.max_repeats:
-        begin = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - begin)
-        if len(samples) < settings.min_repeats:
+    while len(samples[0]) < settings.max_repeats:
+        for fn, times in zip(fns, samples, strict=True):
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+        count = len(samples[0])
+        if count < settings.min_repeats:
             continue
-        if _relative_iqr(samples) / len(samples) ** 0.5 < settings.rel_spread:
+        if max(_relative_iqr(times) for times in samples) / count**0.5 < settings.rel_spread:
             break
         if time.perf_counter() - started > settings.max_seconds:
             break
-    return Timing(median_ms=statistics.median(samples) * 1e3, spread=_relative_iqr(samples), repeats=len(samples))
+    return [
+        Timing(median_ms=statistics.median(times) * 1e3, spread=_relative_iqr(times), repeats=len(times))
+        for times in samples
+    ]
 
 
 def set_threads(threads: int) -> int:
