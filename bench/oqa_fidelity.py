@@ -3,8 +3,8 @@
 For each model at 1x3x224x224 in ONNX Runtime (1 thread by default), this profiles the network with
 the `cpu` target (cold, in a fresh cache, then warm from the cache), then deploys five plans --
 uniform FP32, uniform INT8, the latency-optimal mix according to the fitted table, and two random
-mixes (30% and 70% INT8, seeds unseen by the profile) -- and times each end to end, interleaved
-over rounds. It prints one JSON object with predicted and measured milliseconds, their relative
+mixes (30% and 70% INT8, seeds unseen by the profile) -- and times them end to end, call by call
+in turn, over rounds. It prints one JSON object with predicted and measured milliseconds, their relative
 error (target: every |error| <= 10%), the fit's own diagnostics, and the cold and warm profiling
 seconds (target: warm >= 10x faster than cold).
 
@@ -14,6 +14,7 @@ seconds (target: warm >= 10x faster than cold).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -26,7 +27,7 @@ import torch
 from ohq_lightning.deploy import QDQBuilder, activation_ranges, export_onnx
 from ohq_lightning.hardware import CPUTarget
 from ohq_lightning.hardware.ort_ops import ort_session
-from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_callable
+from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_interleaved
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import SensitivityTable
 from ohq_lightning.solver import solve
@@ -61,11 +62,12 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int) 
     builder = QDQBuilder(graph, activation_ranges(graph, names, [torch.randn(2, 3, 224, 224)]))
     sessions = {key: ort_session(builder.build(plan).SerializeToString(), threads) for key, plan in plans.items()}
     feed = {"x": example.numpy()}
-    settings = TimingSettings(max_seconds=1.0, min_repeats=15)
+    settings = TimingSettings(max_seconds=3.0, min_repeats=15)
     samples: dict[str, list[float]] = {key: [] for key in plans}
-    for _ in range(rounds):
-        for key, session in sessions.items():
-            samples[key].append(time_callable(lambda s=session: s.run(None, feed), settings).median_ms)
+    runs = [functools.partial(session.run, None, feed) for session in sessions.values()]
+    for _ in range(rounds):  # every round times the five plans call by call in turn
+        for key, timing in zip(sessions, time_interleaved(runs, settings), strict=True):
+            samples[key].append(timing.median_ms)
     results = {}
     fp32_measured = statistics.median(samples["fp32"])
     fp32_predicted = table.predicted_latency_ms(plans["fp32"])
