@@ -91,3 +91,15 @@ def test_the_table_prediction_agrees_with_the_solver(traced, tmp_path):
     layers = trace_layers(model, example).layers
     table = target.costs(layers, model=model, example_inputs=example)
     assert table.predicted_latency_ms(plan.assignment) == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)
+
+
+def test_the_hydra_config_builds_the_cpu_target():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "hardware" / "cpu.yaml"))
+    target = create_target(config.pop("name"), **config)
+    assert isinstance(target, CPUTarget) and target.timing == TimingSettings(
+        max_seconds=1.0, rel_spread=0.004, min_repeats=10
+    )

@@ -34,7 +34,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class CPUTarget:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.timing, Mapping):  # from a config file
+            object.__setattr__(self, "timing", TimingSettings(**self.timing))
         if self.runtime not in RUNTIMES:
             raise ValueError(
                 f"unknown runtime {self.runtime!r} for the cpu target; available: {list(RUNTIMES)} "
