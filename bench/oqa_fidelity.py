@@ -88,7 +88,8 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int) 
         "plans": results,
         "max_abs_rel_error": max(abs(r["rel_error"]) for r in results.values()),
         "max_abs_rel_error_of_ratio": max(abs(r["rel_error_of_ratio_to_fp32"]) for r in results.values()),
-        "fit": table.meta["fit"],
+        "fit": {k: v for k, v in table.meta["fit"].items() if k != "layers_int8_slower"},
+        "layers_int8_slower_in_context": len(table.meta["fit"]["layers_int8_slower"]),
         "profile_s": {"cold": round(cold_s, 1), "warm": round(warm_s, 2), "cold_over_warm": round(cold_s / warm_s, 1)},
     }
 

@@ -210,7 +210,11 @@ class CPUTarget:
         fp32_ms = cache.get(_REFERENCE).median_ms  # type: ignore[union-attr]
         measured = {bits: cache.get(bits).median_ms * fp32_ms for bits in samples}  # type: ignore[union-attr]
         base, kappa, transitions, fit = _fit(measured, len(names), self.seed)
-        fit.update(measured_now=len(todo), from_cache=len(samples) - len(todo))
+        fit.update(
+            measured_now=len(todo),
+            from_cache=len(samples) - len(todo),
+            layers_int8_slower=[name for name, delta in zip(names, kappa, strict=True) if delta > 0],
+        )
 
         table: dict[str, dict[str, LayerCost]] = {}
         for index, layer in enumerate(layers):
