@@ -8,10 +8,13 @@ The public API, usable without Lightning or Hydra::
     plan = ohq.search(model, torch.randn(1, 3, 224, 224), compression_ratio=0.6)
     ohq.apply_plan(model, plan)   # fake-quant twins, same weight Parameters
     ohq.strip_plan(model)         # back to plain modules
+
+With Lightning, ``Trainer(callbacks=[ohq.OHQCallback(compression_ratio=0.6)])`` makes ``fit``
+search, swap and fine-tune with quantization in the loop.
 """
 
 from ohq_lightning.api import search
-from ohq_lightning.hardware import AnalyticalTarget, HardwareTarget, create_target
+from ohq_lightning.hardware import AnalyticalTarget, CPUTarget, HardwareTarget, create_target
 from ohq_lightning.layers import LayerTrace, trace_layers
 from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, QuantPlan, SensitivityTable
 from ohq_lightning.quant import QuantLayer, apply_plan, calibrate, quantized_layers, strip_plan
@@ -24,13 +27,16 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AnalyticalTarget",
+    "CPUTarget",
     "CostTable",
     "HardwareTarget",
     "InfeasibleBudgetError",
     "LayerCost",
     "LayerInfo",
     "LayerTrace",
+    "OHQCallback",
     "Option",
+    "QATDivergedError",
     "QuantLayer",
     "QuantPlan",
     "SensitivityTable",
@@ -43,9 +49,21 @@ __all__ = [
     "gaussian_inputs",
     "mqe_sensitivity",
     "pareto_sweep",
+    "plan_from_checkpoint",
     "quantized_layers",
     "search",
     "solve",
     "strip_plan",
     "trace_layers",
 ]
+
+_LIGHTNING_EXPORTS = ("OHQCallback", "QATDivergedError", "plan_from_checkpoint")
+
+
+def __getattr__(name: str):
+    """Import the Lightning callback only when it is used (keeps ``import ohq_lightning`` light)."""
+    if name in _LIGHTNING_EXPORTS:
+        from ohq_lightning import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'ohq_lightning' has no attribute {name!r}")

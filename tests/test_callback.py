@@ -1,0 +1,322 @@
+"""OHQCallback: search + swap in setup, QAT, checkpoints, resume, evaluation from a checkpoint, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning_helpers import (
+    FitStartRecorder,
+    KeywordCNN,
+    KeywordOnlyCNN,
+    MarkingTarget,
+    TinyCNN,
+    dict_loader,
+    image_keyword,
+    image_loader,
+    random_images,
+)
+
+import ohq_lightning.callback as callback_module
+from ohq_lightning.callback import OHQCallback, QATDivergedError, default_input_fn, plan_from_checkpoint
+from ohq_lightning.plan import QuantPlan
+from ohq_lightning.quant import QuantLayer, quantized_layers
+
+SEARCH = {"compression_ratio": 0.6, "synthetic": "gaussian", "num_samples": 4, "progress": False}
+HAND_PLAN = QuantPlan(
+    assignment={"features.0": "w8a8", "features.3": "w4a8", "classifier": "w2a8"},
+    predicted={"size_ratio": 0.5},
+    target="analytical",
+)
+
+
+def quiet_trainer(root: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer that prints little and writes under ``root``."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 4,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "default_root_dir": str(root),
+        "callbacks": callbacks,
+    }
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+def no_search(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the callback searched although the plan was known")
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("weight")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One QAT fit (search on the analytical target), beside ModelCheckpoint, EarlyStopping and accumulation."""
+    root = tmp_path_factory.mktemp("fit")
+    torch.manual_seed(0)
+    model = TinyCNN()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ohq = OHQCallback(**SEARCH)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, monitor="val_loss")
+    trainer = quiet_trainer(
+        root,
+        [ohq, checkpoint, EarlyStopping(monitor="val_loss", patience=10), FitStartRecorder(str(root))],
+        logger=CSVLogger(root),
+        enable_checkpointing=True,
+        accumulate_grad_batches=2,
+        max_steps=4,
+        val_check_interval=2,
+    )
+    trainer.fit(model, image_loader(), image_loader(16, seed=1))
+    trainer.save_checkpoint(root / "final.ckpt")  # last.ckpt is from the last validation, before the last step
+    model.eval()
+    images, _ = random_images(8, seed=2)
+    with torch.no_grad():
+        reference = model(images)
+    test_loss = trainer.test(model, image_loader(16, seed=3), verbose=False)[0]["test_loss"]
+    return {
+        "root": root,
+        "model": model,
+        "before": before,
+        "callback": ohq,
+        "trainer": trainer,
+        "last": Path(checkpoint.last_model_path),
+        "final": root / "final.ckpt",
+        "images": images,
+        "reference": reference,
+        "test_loss": test_loss,
+        "at_fit_start": json.loads((root / "rank0.json").read_text()),
+    }
+
+
+def test_fit_searches_quantizes_and_trains_the_fake_quant_model(trained: dict[str, Any]) -> None:
+    model, plan = trained["model"], trained["callback"].plan
+    assert plan is not None and plan.predicted["size_ratio"] <= 0.6 + 1e-9
+    layers = quantized_layers(model)
+    assert layers and {name: layer.option for name, layer in layers.items()} == {
+        name: option for name, option in plan.assignment.items() if option != "fp32"
+    }
+    # the optimizer was built after the swap: it holds the step sizes and trained the very weight Parameters
+    start = trained["at_fit_start"]
+    assert start["quantized"] == {name: layer.option for name, layer in layers.items()}
+    assert start["step_sizes_optimized"]
+    assert start["calibrated"] and all(start["calibrated"])  # calibrated in setup, before any step
+    for name in layers:
+        assert not torch.equal(model.get_submodule(name).weight.detach(), trained["before"][f"{name}.weight"])
+    assert trained["trainer"].global_step == 4  # accumulate_grad_batches=2: 8 batches, 4 optimizer steps
+
+
+def test_fit_logs_the_plan_and_writes_plan_files(trained: dict[str, Any]) -> None:
+    trainer, plan = trained["trainer"], trained["callback"].plan
+    log_dir = Path(trainer.log_dir)
+    assert QuantPlan.from_json(log_dir / "plan.json").assignment == plan.assignment
+    table = (log_dir / "plan.md").read_text()
+    assert "| layer" in table and "features.0" in table
+    with open(log_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    sizes = [row["ohq/size_ratio"] for row in rows if row.get("ohq/size_ratio")]
+    assert sizes and float(sizes[0]) == pytest.approx(plan.predicted["size_ratio"])
+    assert any(row.get("ohq/latency_ms") for row in rows) and any(row.get("ohq/energy_mj") for row in rows)
+
+
+def test_checkpoint_state_is_the_plan(trained: dict[str, Any]) -> None:
+    stored = torch.load(trained["last"], map_location="cpu", weights_only=True)
+    assert stored["callbacks"]["OHQCallback"] == {"plan": trained["callback"].plan.to_dict()}
+    assert plan_from_checkpoint(trained["last"]).assignment == trained["callback"].plan.assignment
+
+
+def test_resume_with_a_new_callback_rebuilds_the_plan_without_search(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callback_module, "search", no_search)
+    resumed = OHQCallback(**SEARCH)  # same settings, no plan: it must come from the checkpoint
+    recorder = FitStartRecorder(str(tmp_path))
+    trainer = quiet_trainer(tmp_path, [resumed, recorder], max_steps=6)
+    model = TinyCNN()
+    trainer.fit(model, image_loader(), ckpt_path=trained["last"])
+    assert trainer.global_step == 6
+    assert resumed.plan.assignment == trained["callback"].plan.assignment
+    assert json.loads((tmp_path / "rank0.json").read_text())["step_sizes_optimized"]
+    assert {n: layer.option for n, layer in quantized_layers(model).items()} == {
+        n: layer.option for n, layer in quantized_layers(trained["model"]).items()
+    }
+
+
+def test_test_from_checkpoint_in_a_fresh_trainer_gives_the_same_outputs(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callback_module, "search", no_search)
+    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
+    model = TinyCNN()
+    trainer = quiet_trainer(tmp_path, [OHQCallback()])
+    result = trainer.test(model, image_loader(16, seed=3), ckpt_path=trained["final"], verbose=False)
+    assert result[0]["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(trained["images"]), trained["reference"])
+
+
+@pytest.mark.parametrize("forward", ["keyword argument", "keywords only"])
+def test_module_whose_forward_takes_keywords(forward: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    if forward == "keyword argument":  # forward(image, *, temperature): searched on the batch's first value
+        model, ohq = KeywordCNN(), OHQCallback(**SEARCH)
+    else:  # forward(*, image, temperature): a given plan, inputs passed as keywords by input_fn
+        model = KeywordOnlyCNN()
+        ohq = OHQCallback(plan={"conv": "w4a8", "classifier": "w8a8"}, input_fn=image_keyword, progress=False)
+    before = weights(model)
+    trainer = quiet_trainer(tmp_path, [ohq], max_steps=2)
+    trainer.fit(model, dict_loader())
+    assert set(quantized_layers(model)) == {"conv", "classifier"} - {
+        name for name, option in ohq.plan.assignment.items() if option == "fp32"
+    }
+    assert all(isinstance(model.get_submodule(name), QuantLayer) for name in quantized_layers(model))
+    assert not torch.equal(model.conv.weight, before["conv.weight"])
+
+
+@pytest.mark.parametrize("calibration", ["train", "synthetic"])
+def test_finetune_false_calibrates_and_stops(calibration: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    before = weights(model)
+    ohq = OHQCallback(plan=HAND_PLAN, finetune=False, calibration=calibration, progress=False)
+    trainer = quiet_trainer(tmp_path, [ohq, FitStartRecorder(str(tmp_path))])
+    trainer.fit(model, image_loader())
+    assert trainer.global_step == 0
+    assert set(quantized_layers(model)) == set(HAND_PLAN.assignment)
+    assert all(json.loads((tmp_path / "rank0.json").read_text())["calibrated"])
+    after = weights(model)
+    for name in HAND_PLAN.assignment:
+        assert torch.equal(after[f"{name}.module.weight"], before[f"{name}.weight"])
+    assert QuantPlan.from_json(tmp_path / "plan.json").assignment == HAND_PLAN.assignment  # no logger: root dir
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"nan_at_batch": 1}, "no fake-quant layer has a non-finite step size or weight"),
+        ({"corrupt_at_batch": 1}, r"features\.3 \(input step size\)"),
+    ],
+)
+def test_non_finite_loss_stops_with_a_clear_error(settings: dict[str, int], message: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trainer = quiet_trainer(tmp_path, [OHQCallback(plan=HAND_PLAN, progress=False)])
+    with pytest.raises(QATDivergedError, match=message) as error:
+        trainer.fit(TinyCNN(**settings), image_loader())
+    assert "global step 1" in str(error.value)
+
+
+def test_weights_only_checkpoint_needs_the_plan(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    trainer = quiet_trainer(tmp_path, [OHQCallback(plan=HAND_PLAN, progress=False)], max_steps=1)
+    trainer.fit(model, image_loader())
+    path = tmp_path / "weights.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    with pytest.raises(ValueError, match="save_weights_only"):
+        plan_from_checkpoint(path)
+    with pytest.raises(ValueError, match="save_weights_only"):
+        quiet_trainer(tmp_path, [OHQCallback()]).test(TinyCNN(), image_loader(8), ckpt_path=path, verbose=False)
+    fresh = TinyCNN()
+    quiet_trainer(tmp_path, [OHQCallback(plan=tmp_path / "plan.json")]).test(
+        fresh, image_loader(8), ckpt_path=path, verbose=False
+    )
+    images, _ = random_images(4, seed=5)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), model(images))
+
+
+def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no budget to search under"):
+        quiet_trainer(tmp_path, [OHQCallback()]).fit(TinyCNN(), image_loader())
+    for strategy in (FSDPStrategy, DeepSpeedStrategy):
+        fake_trainer = type("FakeTrainer", (), {"strategy": object.__new__(strategy), "callbacks": []})()
+        with pytest.raises(ValueError, match=f"does not support the {strategy.__name__}"):
+            OHQCallback(**SEARCH).setup(fake_trainer, TinyCNN(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"compression_ratio": 1.5}, "compression_ratio must be in"),
+        ({"compression_ratio": 0}, "compression_ratio must be a finite number > 0"),
+        ({"latency_budget": float("nan")}, "latency_budget must be a finite number"),
+        ({"sensitivity_budget": -1.0}, "sensitivity_budget must be a finite number >= 0"),
+        ({"hardware": "tpu-v9"}, "unknown hardware target 'tpu-v9'"),
+        ({"hardware": {"threads": 1}}, "'name'"),
+        ({"hardware": {"name": "analytical", "warp_speed": 9}}, "bad settings for hardware target 'analytical'"),
+        ({"hardware": 3}, "hardware must be a target name"),
+        ({"finetune": "yes"}, "finetune must be True or False"),
+        ({"progress": 1}, "progress must be True or False"),
+        ({"plan": "/nonexistent/plan.json"}, "does not exist"),
+        ({"plan": 42}, "plan must be a QuantPlan"),
+        ({"plan": {"layers": []}}, "plan dict is neither a QuantPlan dict"),
+        ({"plan": HAND_PLAN, "compression_ratio": 0.5}, "either a plan or budgets"),
+        ({"minimize": "size"}, "minimize must be one of"),
+        ({"options": ["w9a8"]}, "bits must be between"),
+        ({"sensitivity": "hessian"}, "unknown sensitivity method"),
+        ({"synthetic": "uniform"}, "unknown synthetic input kind"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"calibration": "val"}, "calibration must be one of"),
+        ({"calibration_batches": 2.5}, "calibration_batches must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"example_input": "an image"}, "example_input must be a tensor"),
+        ({"input_fn": "first"}, "input_fn must be a callable"),
+    ],
+)
+def test_bad_constructor_arguments(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OHQCallback(**settings)
+
+
+def test_constructor_is_keyword_only_and_reads_plan_files(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        OHQCallback("analytical")  # type: ignore[misc]
+    path = HAND_PLAN.save(tmp_path / "plan.json")
+    assert OHQCallback(plan=path).plan.assignment == HAND_PLAN.assignment
+    assert OHQCallback(plan=str(path)).state_dict() == {"plan": QuantPlan.from_json(path).to_dict()}
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(ValueError, match="not a QuantPlan JSON file"):
+        OHQCallback(plan=tmp_path / "bad.json")
+    assert OHQCallback(hardware={"name": "analytical", "int8_gmacs": 50.0}).hardware.int8_gmacs == 50.0
+
+
+def test_default_input_fn() -> None:
+    x = torch.zeros(2, 3)
+    assert default_input_fn(x) is x
+    assert default_input_fn((x, 1)) is x and default_input_fn([x]) is x
+    assert default_input_fn({"image": x, "label": 1}) is x
+    with pytest.raises(ValueError, match="input_fn"):
+        default_input_fn(7)
+
+
+def test_ddp_spawn_gives_every_rank_the_plan_searched_on_rank_zero(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ohq = OHQCallback(hardware=MarkingTarget(marker_dir=str(tmp_path)), **SEARCH)
+    trainer = quiet_trainer(
+        tmp_path, [ohq, FitStartRecorder(str(tmp_path))], strategy="ddp_spawn", devices=2, max_steps=2
+    )
+    trainer.fit(TinyCNN(), image_loader())
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["plan"] is not None and ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["quantized"] == ranks[1]["quantized"] != {}
+    assert all(record["step_sizes_optimized"] for record in ranks)
+    assert sorted(p.name for p in tmp_path.glob("searched-rank*")) == ["searched-rank0"]
