@@ -14,9 +14,7 @@ seconds (target: warm >= 10x faster than cold).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import statistics
 import tempfile
 import time
 
@@ -24,10 +22,10 @@ import numpy as np
 import timm
 import torch
 
-from ohq_lightning.deploy import QDQBuilder, activation_ranges, export_onnx
+from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
 from ohq_lightning.hardware import CPUTarget
 from ohq_lightning.hardware.ort_ops import ort_session
-from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_interleaved
+from ohq_lightning.hardware.timing import TimingSettings, set_threads
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import SensitivityTable
 from ohq_lightning.solver import solve
@@ -60,19 +58,17 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int) 
     }
     graph = export_onnx(model, example)
     builder = QDQBuilder(graph, activation_ranges(graph, names, [torch.randn(2, 3, 224, 224)]))
-    sessions = {key: ort_session(builder.build(plan).SerializeToString(), threads) for key, plan in plans.items()}
-    feed = {"x": example.numpy()}
-    settings = TimingSettings(max_seconds=3.0, min_repeats=15)
-    samples: dict[str, list[float]] = {key: [] for key in plans}
-    runs = [functools.partial(session.run, None, feed) for session in sessions.values()]
-    for _ in range(rounds):  # every round times the five plans call by call in turn
-        for key, timing in zip(sessions, time_interleaved(runs, settings), strict=True):
-            samples[key].append(timing.median_ms)
+    deployed = {}
+    for key, plan in plans.items():
+        qdq = builder.build(plan)
+        deployed[key] = DeployedModel(plan, qdq, ort_session(qdq.SerializeToString(), threads), threads)
+    timings = measure_latency(list(deployed.values()), example, settings=TimingSettings(max_seconds=3.0), rounds=rounds)
+    measured_ms = {key: timing.median_ms for key, timing in zip(deployed, timings, strict=True)}
     results = {}
-    fp32_measured = statistics.median(samples["fp32"])
+    fp32_measured = measured_ms["fp32"]
     fp32_predicted = table.predicted_latency_ms(plans["fp32"])
     for key, plan in plans.items():
-        measured = statistics.median(samples[key])
+        measured = measured_ms[key]
         predicted = table.predicted_latency_ms(plan)
         ratio_measured, ratio_predicted = measured / fp32_measured, predicted / fp32_predicted
         results[key] = {

@@ -9,13 +9,18 @@ from ohq_lightning.deploy.onnx_qdq import (
     quantize_onnx_layers,
     quantize_weight_per_channel,
 )
+from ohq_lightning.deploy.ort import DeployedModel, convert, measure_latency, uniform
 
 __all__ = [
     "ActivationRange",
+    "DeployedModel",
     "QDQBuilder",
     "activation_ranges",
+    "convert",
     "export_onnx",
     "layer_nodes",
+    "measure_latency",
     "quantize_onnx_layers",
     "quantize_weight_per_channel",
+    "uniform",
 ]
