@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,7 @@ def search(
     minimize: str = "sensitivity",
     tie_groups: Sequence[Sequence[str]] = (),
     cost_weight: float = 0.0,
+    refine_rounds: int = 3,
     seed: int = 0,
     cache_dir: str | Path | bool | None = None,
     progress: bool = True,
@@ -94,6 +96,9 @@ def search(
         minimize: ``"sensitivity"`` (default) or ``"latency"`` (needs a budget, e.g. ``sensitivity_budget``).
         tie_groups: groups of layer names that must share one option.
         cost_weight: weight of the target's latency in the objective (0: sensitivity only).
+        refine_rounds: with a target that measures plans (``cpu``): up to this many times, time the
+            plan picked end to end, refit the costs with it and solve again, until the plan picked
+            is one that was measured (``plan.meta["plan_measured"]``).
         seed: seed of everything random in the search.
         cache_dir: cache of synthetic inputs (``False`` disables it).
         progress: show progress bars.
@@ -152,10 +157,9 @@ def search(
     )
     timings["sensitivity"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    plan = solve(
+    solve_plan = functools.partial(
+        solve,
         scores,
-        costs,
         sensitivity_budget=sensitivity_budget,
         minimize=minimize,
         tie_groups=tie_groups,
@@ -163,7 +167,22 @@ def search(
         options=option_names,
         **budgets,
     )
+    started = time.perf_counter()
+    plan = solve_plan(costs)
     timings["solve"] = time.perf_counter() - started
+
+    measured: list[dict[str, str]] = []
+    if getattr(hardware, "measures_plans", False):
+        started = time.perf_counter()
+        for _ in range(refine_rounds):  # measure the plan picked, refit, pick again, until it was measured
+            if plan.assignment in measured:
+                break
+            measured.append(dict(plan.assignment))
+            costs = hardware.costs(  # type: ignore[call-arg]
+                trace.layers, option_names, model=model, example_inputs=example_inputs, measure_also=measured
+            )
+            plan = solve_plan(costs)
+        timings["refine"] = time.perf_counter() - started
 
     infos = {layer.name: layer for layer in trace.layers}
     for row in plan.layers:
@@ -184,5 +203,6 @@ def search(
         num_samples=int(num_samples),
         seed=seed,
         cost_source=costs.meta.get("source", ""),
+        plan_measured=plan.assignment in measured,
     )
     return plan

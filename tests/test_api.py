@@ -144,3 +144,20 @@ def test_search_can_minimise_latency_under_a_sensitivity_bound(tiny_net, tiny_in
     assert fast.predicted["sensitivity"] <= bound * (1 + 1e-9)
     assert fast.predicted["latency_ms"] <= accurate.predicted["latency_ms"] + 1e-12
     assert fast.meta["minimize"] == "latency" and fast.budgets["sensitivity_budget"] == bound
+
+
+def test_search_measures_the_plans_it_picks_on_targets_that_can(tiny_net, tiny_input):
+    calls = []
+
+    class Remeasuring(ohq.AnalyticalTarget):
+        measures_plans = True
+
+        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
+            calls.append([dict(plan) for plan in measure_also])
+            return super().costs(layers, options)
+
+    plan = ohq.search(tiny_net, tiny_input, target=Remeasuring(), compression_ratio=0.6, refine_rounds=3, **FAST)
+    assert calls[0] == [] and calls[1] == [plan.assignment]  # the first pick was measured, and picked again
+    assert len(calls) == 2 and plan.meta["plan_measured"] is True and "refine" in plan.meta["timings_s"]
+    plain = ohq.search(tiny_net, tiny_input, compression_ratio=0.6, **FAST)
+    assert plain.meta["plan_measured"] is False and "refine" not in plain.meta["timings_s"]

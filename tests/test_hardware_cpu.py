@@ -103,3 +103,13 @@ def test_the_hydra_config_builds_the_cpu_target():
     assert isinstance(target, CPUTarget) and target.timing == TimingSettings(
         max_seconds=1.0, rel_spread=0.004, min_repeats=10
     )
+
+
+def test_measure_also_adds_the_plans_to_the_fit(traced, tmp_path):
+    model, example, layers = traced
+    target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    base = target.costs(layers, model=model, example_inputs=example).meta["fit"]["samples"]
+    odd = {layer.name: ("w8a8" if i % 2 else "fp32") for i, layer in enumerate(layers)}
+    table = target.costs(layers, model=model, example_inputs=example, measure_also=[odd])
+    fit = table.meta["fit"]
+    assert fit["samples"] in (base, base + 1) and fit["measured_now"] == fit["samples"] - base

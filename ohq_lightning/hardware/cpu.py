@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -101,6 +101,8 @@ class CPUTarget:
     """
 
     name: str = "cpu"
+    #: ``search`` may ask this target to measure the plans it picks (``measure_also``) and refit.
+    measures_plans: ClassVar[bool] = True
     runtime: str = "onnxruntime"
     threads: int = 1
     options: tuple[str, ...] = CPU_OPTIONS
@@ -165,8 +167,13 @@ class CPUTarget:
         *,
         model: Any = None,
         example_inputs: Any = None,
+        measure_also: Sequence[Mapping[str, str]] = (),
     ) -> CostTable:
-        """Measure the network in context and return the fitted cost table (see the module docstring)."""
+        """Measure the network in context and return the fitted cost table (see the module docstring).
+
+        ``measure_also`` lists plans (layer -> option) to time as well and include in the fit, e.g.
+        the plans a search picked, so that the predictions of those very plans rest on a measurement.
+        """
         parsed = parse_options(self.options if options is None else options)
         kernels = {option.name: _kernel(option) for option in parsed}
         if model is None or example_inputs is None:
@@ -188,6 +195,10 @@ class CPUTarget:
         cache = self._cache(_graph_key(graph))
         feed = {"x": np.asarray(example_inputs.detach().cpu().numpy(), dtype=np.float32)}
         samples = self._samples(len(names))
+        for assignment in measure_also:
+            bits = "".join("1" if _kernel(Option.parse(assignment[name])) == "int8" else "0" for name in names)
+            if bits not in samples:
+                samples.append(bits)
         todo = [bits for bits in samples if self.force or cache.get(bits) is None]
         reference = ort_session(graph.SerializeToString(), self.threads)
         run_reference = functools.partial(reference.run, None, feed)
