@@ -63,3 +63,22 @@ def same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     """True when the model's state equals the snapshot exactly (names and values)."""
     state = model.state_dict()
     return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in state)
+
+
+def fused_ops(onnx_model, tmp_path) -> list[str]:
+    """The op types of ``onnx_model`` after ONNX Runtime's graph optimisation (fusions), in order."""
+    import onnx
+    import onnxruntime as ort
+
+    from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        onnx_model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
+    )
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]

@@ -2,30 +2,16 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_tiny_net
+from conftest import fused_ops, make_tiny_net
 from timm import layers as timm_layers
 from torch import nn
 
 from ohq_lightning.deploy import activation_ranges, export_onnx, layer_nodes, quantize_onnx_layers
 from ohq_lightning.deploy.onnx_qdq import ActivationRange, _scope_path
-from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS, ort_session
+from ohq_lightning.hardware.ort_ops import ort_session
 from ohq_lightning.layers import trace_layers
-
-
-def _fused_ops(model, tmp_path) -> collections.Counter:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        model.SerializeToString(),
-        options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
-    )
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def test_scope_paths_follow_module_names():
@@ -63,7 +49,7 @@ def test_mixed_plan_runs_on_fused_int8_kernels_and_matches_the_float_model(expor
     model, example, _, graph, ranges = exported
     plan = {"stem.0": "w8a8", "dw.0": "fp32", "grouped.0": "w8a8", "fc": "w4a8"}
     quantized = quantize_onnx_layers(graph, plan, ranges)
-    ops = _fused_ops(quantized, tmp_path)
+    ops = collections.Counter(fused_ops(quantized, tmp_path))
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] + ops["FusedConv"] == 1
     feed = {"x": example.numpy()}
     with torch.no_grad():
@@ -97,7 +83,7 @@ def test_timm_same_padding_conv_exports_and_quantizes(tmp_path):
     names = trace_layers(model, example).names()
     graph = export_onnx(model, example)
     quantized = quantize_onnx_layers(graph, dict.fromkeys(names, "w8a8"), activation_ranges(graph, names, [example]))
-    assert _fused_ops(quantized, tmp_path)["QLinearConv"] == 2
+    assert collections.Counter(fused_ops(quantized, tmp_path))["QLinearConv"] == 2
 
 
 def test_weights_shared_by_the_exporter_through_identity_nodes_are_found(tmp_path):
@@ -111,4 +97,4 @@ def test_weights_shared_by_the_exporter_through_identity_nodes_are_found(tmp_pat
     names = trace_layers(model, example).names()
     graph = export_onnx(model, example)
     quantized = quantize_onnx_layers(graph, dict.fromkeys(names, "w8a8"), activation_ranges(graph, names, [example]))
-    assert _fused_ops(quantized, tmp_path)["QLinearConv"] == 3
+    assert collections.Counter(fused_ops(quantized, tmp_path))["QLinearConv"] == 3

@@ -1,27 +1,12 @@
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from conftest import fused_ops
 from timm import layers as timm_layers
 from torch import nn
 
-from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS, layer_graph, ort_runner, transition_graph
+from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, transition_graph
 from ohq_lightning.layers import trace_layers
-
-
-def _optimized_ops(model, tmp_path) -> list[str]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        model.SerializeToString(),
-        options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
-    )
-    import onnx
-
-    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 @pytest.fixture
@@ -46,9 +31,9 @@ def test_layer_graphs_run_with_the_layer_shapes(layers, kernel):
 
 
 def test_int8_graphs_fuse_into_integer_kernels(layers, tmp_path):
-    conv_ops = _optimized_ops(layer_graph(layers[0], "int8")[0], tmp_path)
+    conv_ops = fused_ops(layer_graph(layers[0], "int8")[0], tmp_path)
     assert "QLinearConv" in conv_ops and "Conv" not in conv_ops
-    linear_ops = _optimized_ops(layer_graph(layers[-1], "int8")[0], tmp_path)
+    linear_ops = fused_ops(layer_graph(layers[-1], "int8")[0], tmp_path)
     assert linear_ops == ["QGemm"]
 
 
