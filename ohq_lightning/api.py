@@ -204,5 +204,6 @@ def search(
         seed=seed,
         cost_source=costs.meta.get("source", ""),
         plan_measured=plan.assignment in measured,
+        plans_measured_in_refinement=len(measured),
     )
     return plan
