@@ -20,9 +20,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mobilenetv3_large_100", help="timm model name (random init, offline)")
     parser.add_argument("--input-size", type=int, default=224, help="input height and width")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument(
+        "--target",
+        default="analytical",
+        choices=["analytical", "cpu", "generic_cpu", "bit_serial_accel"],
+        help="hardware target: analytical estimates, or 'cpu' to measure this CPU in ONNX Runtime (minutes)",
+    )
     parser.add_argument("--compression-ratio", type=float, default=0.6, help="plan weight bytes / INT8 weight bytes")
     parser.add_argument("--latency-budget", type=float, default=None, help="ms, on the target's latency model")
-    parser.add_argument("--options", default="w8a8,w4a8,w2a8", help="comma-separated candidate options")
+    parser.add_argument("--options", default=None, help="comma-separated candidate options (default: the target's)")
     parser.add_argument("--sensitivity", default="quantize", choices=["quantize", "random_mask"])
     parser.add_argument("--synthetic", default="distilled", choices=["distilled", "gaussian"])
     parser.add_argument("--num-samples", type=int, default=8)
@@ -51,9 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = search(
             model,
             example,
+            target=args.target,
             compression_ratio=args.compression_ratio,
             latency_budget=args.latency_budget,
-            options=[o for o in args.options.split(",") if o],
+            options=None if args.options is None else [o for o in args.options.split(",") if o],
             sensitivity=args.sensitivity,
             synthetic=args.synthetic,
             num_samples=args.num_samples,
@@ -63,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, InfeasibleBudgetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"OHQ plan for {args.model} @ {args.input_size}x{args.input_size} (random init, analytical target)")
+    print(f"OHQ plan for {args.model} @ {args.input_size}x{args.input_size} (random init, {args.target} target)")
     print(format_plan_table(plan))
     print("stage seconds: " + json.dumps({k: round(v, 2) for k, v in plan.meta["timings_s"].items()}))
     if args.out:

@@ -161,3 +161,29 @@ def test_search_measures_the_plans_it_picks_on_targets_that_can(tiny_net, tiny_i
     assert len(calls) == 2 and plan.meta["plan_measured"] is True and "refine" in plan.meta["timings_s"]
     plain = ohq.search(tiny_net, tiny_input, compression_ratio=0.6, **FAST)
     assert plain.meta["plan_measured"] is False and "refine" not in plain.meta["timings_s"]
+
+
+@pytest.mark.slow
+def test_module_entry_point_measures_the_cpu_on_request(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("OHQ_CACHE_DIR", str(tmp_path))
+    code = main(
+        [
+            "--model",
+            "resnet10t",
+            "--input-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--target",
+            "cpu",
+            "--compression-ratio",
+            "1.0",
+            "--synthetic",
+            "gaussian",
+            "--num-samples",
+            "2",
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "(random init, cpu target)" in printed and "base_latency_ms=" in printed

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
 from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
@@ -181,6 +182,9 @@ class CPUTarget:
                 "the cpu target measures the network in context: pass model= and example_inputs= "
                 "(ohq_lightning.search does)"
             )
+        if not isinstance(example_inputs, torch.Tensor):
+            kind = type(example_inputs).__name__
+            raise ValueError(f"the cpu target deploys models called with one input tensor; got a {kind}")
         from ohq_lightning.deploy.onnx_qdq import QDQBuilder, activation_ranges, export_onnx, layer_nodes
         from ohq_lightning.hardware.ort_ops import ort_session
         from ohq_lightning.synthetic import gaussian_inputs
