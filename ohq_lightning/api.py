@@ -69,7 +69,7 @@ def search(
     minimize: str = "sensitivity",
     tie_groups: Sequence[Sequence[str]] = (),
     cost_weight: float = 0.0,
-    refine_rounds: int = 3,
+    refine_rounds: int = 6,
     seed: int = 0,
     cache_dir: str | Path | bool | None = None,
     progress: bool = True,
