@@ -320,3 +320,32 @@ def test_ddp_spawn_gives_every_rank_the_plan_searched_on_rank_zero(tmp_path: Pat
     assert ranks[0]["quantized"] == ranks[1]["quantized"] != {}
     assert all(record["step_sizes_optimized"] for record in ranks)
     assert sorted(p.name for p in tmp_path.glob("searched-rank*")) == ["searched-rank0"]
+
+
+def test_export_onnx_deploys_the_plan_and_logs_its_measured_latency(tmp_path):
+    import numpy as np
+    import onnx
+
+    from ohq_lightning.hardware.ort_ops import ort_session
+
+    torch.manual_seed(0)
+    module = TinyCNN()
+    callback = OHQCallback(
+        compression_ratio=0.6, synthetic="gaussian", num_samples=4, progress=False, export_onnx="deployed/plan.onnx"
+    )
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=2, logger=CSVLogger(tmp_path))
+    trainer.fit(module, image_loader())
+    path = Path(trainer.log_dir) / "deployed" / "plan.onnx"
+    graph = onnx.load(path)
+    ops = {node.op_type for node in graph.graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    images, _ = random_images(1, seed=3)
+    deployed_out = ort_session(graph.SerializeToString(), 1).run(None, {"x": images.numpy()})[0]
+    assert deployed_out.shape == (1, 10) and np.isfinite(deployed_out).all()
+    metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
+    assert "ohq/onnx_ms" in metrics and "ohq/onnx_int8_ms" in metrics
+
+
+def test_export_onnx_must_be_a_path():
+    with pytest.raises(ValueError, match="export_onnx"):
+        OHQCallback(compression_ratio=0.6, export_onnx=3)
