@@ -31,7 +31,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelPruning
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
@@ -559,6 +559,11 @@ class OHQCallback(Callback):
             raise ValueError(
                 f"OHQCallback does not support the {type(trainer.strategy).__name__} strategy (it shards or "
                 "re-wraps the model's layers): use a single device, 'ddp' or 'ddp_spawn'"
+            )
+        if any(isinstance(callback, ModelPruning) for callback in trainer.callbacks):
+            raise ValueError(
+                "OHQCallback does not work beside ModelPruning yet: pruning re-parametrises the very weights "
+                "the fake-quant layers quantize"
             )
 
     def _resolve_plan(

@@ -349,3 +349,12 @@ def test_export_onnx_deploys_the_plan_and_logs_its_measured_latency(tmp_path):
 def test_export_onnx_must_be_a_path():
     with pytest.raises(ValueError, match="export_onnx"):
         OHQCallback(compression_ratio=0.6, export_onnx=3)
+
+
+def test_model_pruning_beside_the_callback_is_refused_clearly(tmp_path):
+    from lightning.pytorch.callbacks import ModelPruning
+
+    callback = OHQCallback(compression_ratio=0.6, synthetic="gaussian", num_samples=4, progress=False)
+    trainer = quiet_trainer(tmp_path, [callback, ModelPruning("l1_unstructured", amount=0.5, verbose=0)])
+    with pytest.raises(ValueError, match="ModelPruning"):
+        trainer.fit(TinyCNN(), image_loader())
