@@ -487,10 +487,19 @@ class OHQCallback(Callback):
             self._report(trainer, plan, source)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``finetune=False``, stop the fit before its first step: the calibrated model is the result."""
+        """With ``finetune=False``, stop the fit before its first step: the calibrated model is the result.
+
+        With ``finetune=True``, warn when the module is in eval mode (QAT in eval mode diverged in trials).
+        """
         if not self.finetune:
             rank_zero_info("OHQCallback(finetune=False): quantized and calibrated; stopping before training")
             trainer.should_stop = True
+        elif not pl_module.training:
+            rank_zero_warn(
+                "OHQCallback: the module is in eval mode at the start of quantization-aware fine-tuning "
+                "(Lightning keeps the mode it is given); QAT in eval mode diverged in our trials: call "
+                "module.train() before fit"
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``export_onnx``: deploy the plan to ONNX Runtime's kernels, write it, and measure it (rank 0).

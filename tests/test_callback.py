@@ -358,3 +358,10 @@ def test_model_pruning_beside_the_callback_is_refused_clearly(tmp_path):
     trainer = quiet_trainer(tmp_path, [callback, ModelPruning("l1_unstructured", amount=0.5, verbose=0)])
     with pytest.raises(ValueError, match="ModelPruning"):
         trainer.fit(TinyCNN(), image_loader())
+
+
+def test_qat_on_a_module_in_eval_mode_warns(tmp_path):
+    callback = OHQCallback(compression_ratio=0.6, synthetic="gaussian", num_samples=4, progress=False)
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=1)
+    with pytest.warns(UserWarning, match="eval mode"):
+        trainer.fit(TinyCNN().eval(), image_loader())
