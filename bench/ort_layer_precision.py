@@ -1,6 +1,6 @@
 """Does each layer's precision matter in ONNX Runtime on this CPU, and do isolated layer timings add up?
 
-For each model at 1x3x224x224, in ONNX Runtime (same threads, timed interleaved, medians over
+For each model at 1x3x224x224, in ONNX Runtime (same threads, timed call by call in turn, medians over
 rounds), this measures end to end: uniform FP32, uniform INT8 (u8s8 QDQ, fused), and
 "int8_where_faster": INT8 only for the layers whose isolated INT8 kernel was faster than their
 isolated FP32 kernel. It also reports the sum of the isolated per-layer timings beside the
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import timm
 import torch
 
-from ohq_lightning.deploy import activation_ranges, export_onnx, quantize_onnx_layers
+from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
 from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, ort_session
 from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_callable
 from ohq_lightning.layers import trace_layers
@@ -42,19 +41,20 @@ def bench_model(name: str, threads: int, rounds: int) -> dict:
     faster = [n for n, t in isolated.items() if t["int8"] < t["fp32"]]
     graph = export_onnx(model, example)
     ranges = activation_ranges(graph, [layer.name for layer in layers], [torch.randn(4, 3, 224, 224)])
-    variants = {
-        "fp32": graph,
-        "int8": quantize_onnx_layers(graph, {layer.name: "w8a8" for layer in layers}, ranges),
-        "int8_where_faster": quantize_onnx_layers(graph, dict.fromkeys(faster, "w8a8"), ranges),
+    builder = QDQBuilder(graph, ranges)
+    plans = {
+        "fp32": {},
+        "int8": {layer.name: "w8a8" for layer in layers},
+        "int8_where_faster": dict.fromkeys(faster, "w8a8"),
     }
-    sessions = {key: ort_session(g.SerializeToString(), threads) for key, g in variants.items()}
-    feed = {"x": example.numpy()}
-    samples: dict[str, list[float]] = {key: [] for key in sessions}
-    end_to_end = TimingSettings(max_seconds=1.0, min_repeats=15)
-    for _ in range(rounds):  # interleaved, so drift hits every variant alike
-        for key, session in sessions.items():
-            samples[key].append(time_callable(lambda s=session: s.run(None, feed), end_to_end).median_ms)
-    median = {key: statistics.median(values) for key, values in samples.items()}
+    deployed = []
+    for plan in plans.values():
+        qdq = builder.build(plan)
+        deployed.append(DeployedModel(plan, qdq, ort_session(qdq.SerializeToString(), threads), threads))
+    timings = measure_latency(
+        deployed, example, settings=TimingSettings(max_seconds=1.0, min_repeats=15), rounds=rounds
+    )
+    median = {key: timing.median_ms for key, timing in zip(plans, timings, strict=True)}
     sum_fp32 = sum(t["fp32"] for t in isolated.values())
     sum_int8 = sum(t["int8"] for t in isolated.values())
     return {

@@ -14,7 +14,7 @@ from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import QuantPlan, parse_options
 from ohq_lightning.sensitivity import METHODS, mqe_sensitivity
-from ohq_lightning.solver import check_budget_values, solve
+from ohq_lightning.solver import check_budget_values, check_sensitivity_budget, solve
 from ohq_lightning.synthetic import synthetic_inputs
 
 __all__ = ["search", "validate_budgets"]
@@ -28,11 +28,12 @@ def validate_budgets(
     latency_budget: float | None = None,
     energy_budget: float | None = None,
     bops_budget: float | None = None,
+    sensitivity_budget: float | None = None,
 ) -> dict[str, float]:
     """Check the budgets of :func:`search` and return the given ones by name.
 
-    Each must be a finite number > 0, and ``compression_ratio`` (plan weight bytes / weight bytes
-    at uniform 8 bits) at most 1.
+    Each must be a finite number > 0, ``compression_ratio`` (plan weight bytes / weight bytes
+    at uniform 8 bits) at most 1, and ``sensitivity_budget`` a finite number >= 0.
     """
     given = check_budget_values(
         {
@@ -48,6 +49,8 @@ def validate_budgets(
             f"compression_ratio must be in (0, 1]: it is the plan's weight bytes over the weight bytes at uniform "
             f"8 bits (1.0 = INT8 size), got {ratio}"
         )
+    if sensitivity_budget is not None:
+        given["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
     return given
 
 
@@ -119,6 +122,7 @@ def search(
         latency_budget=latency_budget,
         energy_budget=energy_budget,
         bops_budget=bops_budget,
+        sensitivity_budget=sensitivity_budget,
     )
     if sensitivity not in METHODS:
         raise ValueError(f"unknown sensitivity method {sensitivity!r}; use one of {METHODS}")
@@ -160,7 +164,6 @@ def search(
     solve_plan = functools.partial(
         solve,
         scores,
-        sensitivity_budget=sensitivity_budget,
         minimize=minimize,
         tie_groups=tie_groups,
         cost_weight=cost_weight,

@@ -21,7 +21,6 @@ Two Lightning facts shape it (Lightning 2.6):
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -389,16 +388,8 @@ class OHQCallback(Callback):
             latency_budget=latency_budget,
             energy_budget=energy_budget,
             bops_budget=bops_budget,
+            sensitivity_budget=sensitivity_budget,
         )
-        if sensitivity_budget is not None:
-            if (
-                isinstance(sensitivity_budget, bool)
-                or not isinstance(sensitivity_budget, (int, float))
-                or not math.isfinite(sensitivity_budget)
-                or sensitivity_budget < 0
-            ):
-                raise ValueError(f"sensitivity_budget must be a finite number >= 0, got {sensitivity_budget!r}")
-            self.budgets["sensitivity_budget"] = float(sensitivity_budget)
         if minimize not in MINIMIZE:
             raise ValueError(f"minimize must be one of {list(MINIMIZE)}, got {minimize!r}")
         self.minimize = minimize

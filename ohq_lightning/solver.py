@@ -60,6 +60,7 @@ __all__ = [
     "SWEEP_BUDGETS",
     "InfeasibleBudgetError",
     "check_budget_values",
+    "check_sensitivity_budget",
     "pareto_sweep",
     "solve",
 ]
@@ -228,7 +229,7 @@ def solve(
         }
     )
     if sensitivity_budget is not None:
-        budgets["sensitivity_budget"] = _check_sensitivity_budget(sensitivity_budget)
+        budgets["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
     cost_weight = _check_objective_args(cost_weight, cost_metric, minimize, budgets, time_limit_s)
     model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric, minimize)
     program = _Program(_solver_objective(model), _budget_rows(model, budgets))
@@ -327,7 +328,7 @@ def check_budget_values(given: Mapping[str, float | None]) -> dict[str, float]:
     return budgets
 
 
-def _check_sensitivity_budget(value: Any) -> float:
+def check_sensitivity_budget(value: Any) -> float:
     """``sensitivity_budget`` as a float: a finite number >= 0."""
     number = _real(value)
     if number is None or not math.isfinite(number) or number < 0:

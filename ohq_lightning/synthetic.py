@@ -24,7 +24,14 @@ from torch import nn
 from ohq_lightning.layers import preserved_state
 from ohq_lightning.progress import progress_bar
 
-__all__ = ["default_cache_dir", "distilled_inputs", "gaussian_inputs", "model_fingerprint", "synthetic_inputs"]
+__all__ = [
+    "cache_root",
+    "default_cache_dir",
+    "distilled_inputs",
+    "gaussian_inputs",
+    "model_fingerprint",
+    "synthetic_inputs",
+]
 
 _CACHE_VERSION = "distill-v1"
 
@@ -33,6 +40,13 @@ def default_cache_dir() -> Path:
     """``$OHQ_CACHE_DIR``, else ``~/.cache/ohq_lightning``."""
     env = os.environ.get("OHQ_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "ohq_lightning"
+
+
+def cache_root(cache_dir: str | Path | bool | None) -> Path | None:
+    """Where a cache lives: ``None``/``True`` -> :func:`default_cache_dir`, ``False`` -> no disk cache."""
+    if cache_dir is False:
+        return None
+    return default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -180,8 +194,8 @@ def distilled_inputs(
         warnings.warn("the model has no BatchNorm layer to distil inputs from; using Gaussian inputs", stacklevel=2)
         return start
     path: Path | None = None
-    if cache_dir is not False:
-        root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
+    root = cache_root(cache_dir)
+    if root is not None:
         key = f"{_CACHE_VERSION}|{model_fingerprint(model)}|{tuple(start.shape)}|{steps}|{lr}|{seed}"
         path = root / "synthetic" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
         cached = _read_cache(path, tuple(start.shape))

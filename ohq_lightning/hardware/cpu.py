@@ -134,12 +134,10 @@ class CPUTarget:
     def _cache(self, graph_key: str) -> TimingCache:
         import onnxruntime
 
-        from ohq_lightning.synthetic import default_cache_dir
+        from ohq_lightning.synthetic import cache_root
 
-        directory = None
-        if self.cache_dir is not False:
-            root = default_cache_dir() if self.cache_dir in (None, True) else Path(self.cache_dir)  # type: ignore[arg-type]
-            directory = root / "oqa"
+        root = cache_root(self.cache_dir)
+        directory = None if root is None else root / "oqa"
         fingerprint = {
             "method": _METHOD,
             "cpu": cpu_model_name(),
