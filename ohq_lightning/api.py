@@ -12,7 +12,7 @@ from torch import nn
 
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.plan import QuantPlan, parse_options
+from ohq_lightning.plan import CostTable, Option, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import METHODS, mqe_sensitivity
 from ohq_lightning.solver import check_budget_values, check_sensitivity_budget, solve
 from ohq_lightning.synthetic import synthetic_inputs
@@ -28,12 +28,14 @@ def validate_budgets(
     latency_budget: float | None = None,
     energy_budget: float | None = None,
     bops_budget: float | None = None,
-    sensitivity_budget: float | None = None,
-) -> dict[str, float]:
+    sensitivity_budget: float | str | None = None,
+) -> dict[str, float | str]:
     """Check the budgets of :func:`search` and return the given ones by name.
 
     Each must be a finite number > 0, ``compression_ratio`` (plan weight bytes / weight bytes
-    at uniform 8 bits) at most 1, and ``sensitivity_budget`` a finite number >= 0.
+    at uniform 8 bits) at most 1, and ``sensitivity_budget`` a finite number >= 0 or an option
+    name (``"w8a8"``: no more total sensitivity than that option on every layer; returned in its
+    canonical spelling).
     """
     given = check_budget_values(
         {
@@ -49,9 +51,44 @@ def validate_budgets(
             f"compression_ratio must be in (0, 1]: it is the plan's weight bytes over the weight bytes at uniform "
             f"8 bits (1.0 = INT8 size), got {ratio}"
         )
-    if sensitivity_budget is not None:
+    if isinstance(sensitivity_budget, str):
+        try:
+            given["sensitivity_budget"] = Option.parse(sensitivity_budget).name
+        except ValueError as error:
+            raise ValueError(
+                f"sensitivity_budget must be a number >= 0 or an option name such as 'w8a8' (no more total sensitivity "
+                f"than that option everywhere), got {sensitivity_budget!r}: {error}"
+            ) from error
+    elif sensitivity_budget is not None:
         given["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
     return given
+
+
+def _resolve_sensitivity_budget(budgets: dict[str, Any], scores: SensitivityTable, options: Sequence[str]) -> None:
+    """Turn ``sensitivity_budget="w8a8"`` into the total sensitivity of that option on every layer (in place)."""
+    option = budgets.get("sensitivity_budget")
+    if not isinstance(option, str):
+        return
+    if option not in options:
+        raise ValueError(
+            f"sensitivity_budget={option!r} bounds the plan by uniform {option}'s total sensitivity, but {option} is "
+            f"not a candidate option here ({list(options)})"
+        )
+    total = sum(row[option] for row in scores.scores.values())
+    budgets["sensitivity_budget"] = total * (1 + 1e-9) + 1e-15  # the uniform plan itself must stay feasible
+
+
+def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Sequence[str]) -> dict[str, Any]:
+    """Predicted latency and total sensitivity of every candidate option applied to every layer."""
+    names = costs.layers
+    found: dict[str, Any] = {}
+    for option in options:
+        assignment = dict.fromkeys(names, option)
+        entry: dict[str, float] = {"sensitivity": sum(scores.scores[name][option] for name in names)}
+        if costs.has_metric("latency_ms", [option]):
+            entry["latency_ms"] = costs.predicted_latency_ms(assignment)
+        found[option] = entry
+    return found
 
 
 def search(
@@ -68,7 +105,7 @@ def search(
     synthetic: str = "distilled",
     num_samples: int = 8,
     distill_steps: int = 20,
-    sensitivity_budget: float | None = None,
+    sensitivity_budget: float | str | None = None,
     minimize: str = "sensitivity",
     tie_groups: Sequence[Sequence[str]] = (),
     cost_weight: float = 0.0,
@@ -95,7 +132,9 @@ def search(
         synthetic: ``"distilled"`` (BatchNorm-statistics matching) or ``"gaussian"``.
         num_samples: synthetic inputs used by MQE.
         distill_steps: optimisation steps of the distilled inputs.
-        sensitivity_budget: total MQE sensitivity must not exceed this (>= 0).
+        sensitivity_budget: total MQE sensitivity must not exceed this (>= 0), or an option name:
+            ``"w8a8"`` allows no more total sensitivity than uniform ``w8a8`` (use it with
+            ``minimize="latency"``: the fastest plan estimated to be as accurate as uniform INT8).
         minimize: ``"sensitivity"`` (default) or ``"latency"`` (needs a budget, e.g. ``sensitivity_budget``).
         tie_groups: groups of layer names that must share one option.
         cost_weight: weight of the target's latency in the objective (0: sensitivity only).
@@ -161,6 +200,8 @@ def search(
     )
     timings["sensitivity"] = time.perf_counter() - started
 
+    budget_from = budgets.get("sensitivity_budget") if isinstance(budgets.get("sensitivity_budget"), str) else None
+    _resolve_sensitivity_budget(budgets, scores, option_names)
     solve_plan = functools.partial(
         solve,
         scores,
@@ -208,5 +249,8 @@ def search(
         cost_source=costs.meta.get("source", ""),
         plan_measured=plan.assignment in measured,
         plans_measured_in_refinement=len(measured),
+        uniform=_uniform_predictions(costs, scores, option_names),
     )
+    if budget_from is not None:
+        plan.meta["sensitivity_budget_from"] = f"uniform {budget_from}"
     return plan

@@ -7,6 +7,7 @@ from torch import nn
 
 import ohq_lightning as ohq
 from ohq_lightning.__main__ import main
+from ohq_lightning.api import validate_budgets
 
 FAST = {"num_samples": 8, "distill_steps": 5, "progress": False}
 
@@ -187,3 +188,18 @@ def test_module_entry_point_measures_the_cpu_on_request(capsys, tmp_path, monkey
     )
     printed = capsys.readouterr().out
     assert code == 0 and "(random init, cpu target)" in printed and "base_latency_ms=" in printed
+
+
+def test_sensitivity_budget_named_by_an_option_bounds_by_that_uniform_plan(tiny_net, tiny_input):
+    options = ["fp32", "w8a8", "w4a8"]
+    plan = ohq.search(tiny_net, tiny_input, minimize="latency", sensitivity_budget="W8A8", options=options, **FAST)
+    uniform = plan.meta["uniform"]
+    assert set(uniform) == set(options) and uniform["fp32"]["sensitivity"] == 0.0
+    assert plan.meta["sensitivity_budget_from"] == "uniform w8a8"
+    assert plan.predicted["sensitivity"] <= uniform["w8a8"]["sensitivity"] * (1 + 1e-6)
+    feasible_uniform = [uniform[option]["latency_ms"] for option in ("fp32", "w8a8")]  # w4a8 is over the budget
+    assert plan.predicted["latency_ms"] <= min(feasible_uniform) + 1e-9
+    with pytest.raises(ValueError, match="not a candidate option"):
+        ohq.search(tiny_net, tiny_input, sensitivity_budget="w2a8", options=options, **FAST)
+    with pytest.raises(ValueError, match="sensitivity_budget must be a number >= 0 or an option name"):
+        validate_budgets(sensitivity_budget="int8")
