@@ -7,6 +7,8 @@ from typing import Any
 from ohq_lightning.hardware.analytical import BIT_SERIAL_OPTIONS, DEFAULT_OPTIONS, AnalyticalTarget, BitSerialTarget
 from ohq_lightning.hardware.base import HardwareTarget
 from ohq_lightning.hardware.cpu import CPU_OPTIONS, CPUTarget
+from ohq_lightning.hardware.cuda import CUDA_OPTIONS, CUDATarget
+from ohq_lightning.hardware.energy import NvmlEnergyMeter
 from ohq_lightning.hardware.presets import ANALYTICAL_PRESETS, analytical_preset
 from ohq_lightning.hardware.table import TableTarget, export_cost_table, model_key
 
@@ -14,11 +16,14 @@ __all__ = [
     "ANALYTICAL_PRESETS",
     "BIT_SERIAL_OPTIONS",
     "CPU_OPTIONS",
+    "CUDA_OPTIONS",
     "DEFAULT_OPTIONS",
     "AnalyticalTarget",
     "BitSerialTarget",
     "CPUTarget",
+    "CUDATarget",
     "HardwareTarget",
+    "NvmlEnergyMeter",
     "TableTarget",
     "analytical_preset",
     "create_target",
@@ -29,7 +34,13 @@ __all__ = [
 
 
 def _factories() -> dict[str, Any]:
-    return {"analytical": AnalyticalTarget, "cpu": CPUTarget, "table": TableTarget, **ANALYTICAL_PRESETS}
+    return {
+        "analytical": AnalyticalTarget,
+        "cpu": CPUTarget,
+        "cuda": CUDATarget,
+        "table": TableTarget,
+        **ANALYTICAL_PRESETS,
+    }
 
 
 def known_targets() -> list[str]:
