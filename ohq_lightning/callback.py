@@ -20,24 +20,26 @@ Two Lightning facts shape it (Lightning 2.6):
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelPruning
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.utils import prune
 
 from ohq_lightning.api import SYNTHETIC_KINDS, search, validate_budgets
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.plan import Option, QuantPlan, parse_options
 from ohq_lightning.quant import ActivationFakeQuant, WeightFakeQuant, apply_plan, calibrate, quantized_layers
+from ohq_lightning.quant.swap import deployable_copy
 from ohq_lightning.report import format_plan_table
 from ohq_lightning.sensitivity import METHODS
 from ohq_lightning.solver import MINIMIZE
@@ -120,16 +122,32 @@ def plan_from_checkpoint(
         ValueError: the file does not exist, or the checkpoint holds fake-quant weights but no plan
             (it was saved with ``save_weights_only=True``, which drops callback states).
     """
-    plan, quantized = _inspect_checkpoint(checkpoint, weights_only)
-    if plan is None and quantized:
+    info = _inspect_checkpoint(checkpoint, weights_only)
+    if info.plan is None and info.quantized:
         raise ValueError(_WEIGHTS_ONLY_MESSAGE)
-    return plan
+    return info.plan
 
 
-def _inspect_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], weights_only: bool | None
-) -> tuple[QuantPlan | None, bool]:
-    """``(the stored plan or None, whether the weights hold fake-quant layers)``."""
+class _CheckpointInfo(NamedTuple):
+    """What :class:`OHQCallback` needs to know of a checkpoint before its weights load."""
+
+    plan: QuantPlan | None
+    """The stored plan, if any."""
+    quantized: bool
+    """Whether the weights hold fake-quant layers."""
+    pruned: list[str]
+    """Tensors saved pruned (``<name>_orig`` and ``<name>_mask``), e.g. ``"features.0.module.weight"``."""
+
+
+def _pruned_tensors(weights: Mapping[str, Any]) -> list[str]:
+    """The tensors a state dict holds in :mod:`torch.nn.utils.prune`'s form, ``<name>_orig`` + ``<name>_mask``."""
+    keys = {str(key) for key in weights}
+    names = (key.removesuffix("_mask") for key in keys if key.endswith("_mask"))
+    return sorted(name for name in names if f"{name}_orig" in keys)
+
+
+def _inspect_checkpoint(checkpoint: str | Path | Mapping[str, Any], weights_only: bool | None) -> _CheckpointInfo:
+    """The stored plan, whether the weights hold fake-quant layers, and which tensors were saved pruned."""
     if isinstance(checkpoint, Mapping):
         data = checkpoint
     else:
@@ -141,10 +159,42 @@ def _inspect_checkpoint(
     others = [state for key, state in states.items() if key != OHQCallback.__qualname__]
     weights = data.get("state_dict") or {}
     quantized = any(str(key).endswith(_QUANT_STATE_SUFFIXES) for key in weights)
+    pruned = _pruned_tensors(weights)
     for state in preferred + others:
         if isinstance(state, Mapping) and isinstance(state.get("plan"), Mapping) and "assignment" in state["plan"]:
-            return QuantPlan.from_dict(dict(state["plan"])), quantized
-    return None, quantized
+            return _CheckpointInfo(QuantPlan.from_dict(dict(state["plan"])), quantized, pruned)
+    return _CheckpointInfo(None, quantized, pruned)
+
+
+def _restore_pruning(module: nn.Module, pruned: Sequence[str]) -> list[str]:
+    """Re-parametrise, as :mod:`torch.nn.utils.prune` does, the tensors a checkpoint saved pruned; returns them.
+
+    A checkpoint saved while pruning was not permanent (``ModelPruning(make_pruning_permanent=False)``)
+    holds ``<name>_orig`` and ``<name>_mask`` where a fresh module has ``<name>``. Each such parameter
+    gets an identity pruning (a mask of ones, which the checkpoint then overwrites), and
+    ``<name>_orig`` takes ``<name>``'s place among the module's parameters, so an optimizer built
+    next lists the parameters in the order the checkpoint's optimizer state was saved in (pruning
+    applied during a fit comes after ``configure_optimizers``). Modules already pruned and names the
+    module does not have are left alone (a strict load then reports them).
+    """
+    restored = []
+    for path in pruned:
+        prefix, _, name = path.rpartition(".")
+        try:
+            owner = module.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if f"{name}_orig" in owner._parameters or not isinstance(owner._parameters.get(name), nn.Parameter):
+            continue
+        order = list(owner._parameters)
+        with torch.no_grad():  # the masked value the hook leaves on the module stays a leaf (deepcopy works)
+            prune.identity(owner, name)
+        parameters = owner._parameters
+        reordered = {key: parameters[key] for key in (f"{name}_orig" if key == name else key for key in order)}
+        parameters.clear()
+        parameters.update(reordered)
+        restored.append(path)
+    return restored
 
 
 def _pending_checkpoint(trainer: pl.Trainer) -> tuple[Any, bool | None]:
@@ -207,7 +257,7 @@ def _non_finite_layers(module: torch.nn.Module) -> list[str]:
             torch.isfinite(layer.weight_quantizer.scale).all()
         ):
             parts.append("weight step sizes")
-        if not bool(torch.isfinite(layer.module.weight).all()):
+        if not bool(torch.isfinite(layer.weight.detach()).all()):
             parts.append("weight")
         bias = getattr(layer.module, "bias", None)
         if isinstance(bias, torch.Tensor) and not bool(torch.isfinite(bias).all()):
@@ -351,6 +401,22 @@ class OHQCallback(Callback):
         trainer = Trainer(callbacks=[OHQCallback()])
         trainer.test(MyModule(), test_loader, ckpt_path="last.ckpt")
 
+    Beside Lightning's ``ModelPruning`` (``torch.nn.utils.prune``): with its default
+    ``parameters_to_prune=None`` it prunes the conv/linear ``weight`` (and ``bias``) inside each
+    fake-quant layer, never the wrapper or the quantizers' step sizes, whichever callback comes first
+    (to choose by hand, name the wrapped modules: ``(layer.module, "weight")``). The fake-quant
+    forward quantizes the pruned weight ``weight_orig * weight_mask``, so pruned weights stay
+    exactly zero and get no gradient. Checkpoints load either way: with ``make_pruning_permanent=True``
+    (the default) they hold plain masked weights, so ``test(ckpt_path=...)`` needs no
+    ``ModelPruning``; with ``False`` they hold ``weight_orig``/``weight_mask``, and the callback
+    restores that re-parametrisation on the fresh module before the weights load. A resumed fit
+    that should keep pruning such restored layers needs ``ModelPruning`` listed before
+    ``OHQCallback`` (its default choice skips weights already pruned when it sets up). The ONNX
+    export at the end of fit deploys the masked weights. Note that ``ModelPruning``'s default
+    ``use_lottery_ticket_hypothesis=True`` resets the unpruned weights to their values at setup
+    after every pruning, undoing the fine-tuned weights (not the learned step sizes): pass ``False``
+    to keep them.
+
     Not supported: FSDP, DeepSpeed and ModelParallel strategies; layers a ``LightningModule``
     creates in its own ``setup`` (it runs after the callbacks' ``setup``). With ``ddp_spawn`` the
     module in the main process is not quantized after ``fit`` (Lightning copies the workers'
@@ -461,8 +527,9 @@ class OHQCallback(Callback):
         ckpt_path, weights_only = _pending_checkpoint(trainer)
         if not fitting and ckpt_path is None and self._plan is None:
             return  # evaluate the module as it is: only fit searches
+        checkpoint = None if ckpt_path is None else _inspect_checkpoint(ckpt_path, weights_only)
         with torch.random.fork_rng(devices=[]):  # leave the global RNG (shuffling, dropout...) as it was
-            plan, source = self._resolve_plan(trainer, pl_module, fitting, ckpt_path, weights_only)
+            plan, source = self._resolve_plan(trainer, pl_module, fitting, ckpt_path, checkpoint)
             if plan is None:
                 return
             synthetic = None
@@ -472,6 +539,13 @@ class OHQCallback(Callback):
             if will_calibrate and self.calibration == "synthetic":
                 synthetic = self._synthetic_batches(trainer, pl_module)
             swapped = self._install(pl_module, plan)
+            if checkpoint is not None and checkpoint.pruned:
+                restored = _restore_pruning(pl_module, checkpoint.pruned)
+                if restored:
+                    rank_zero_info(
+                        f"OHQCallback: the checkpoint holds {len(restored)} pruned tensors (weight_orig/weight_mask); "
+                        "restored their pruning re-parametrisation before the weights load"
+                    )
             if swapped and will_calibrate:
                 self._calibrate(trainer, pl_module, synthetic)
         if fitting:
@@ -497,7 +571,8 @@ class OHQCallback(Callback):
 
         The deployed model's end-to-end latency is timed beside uniform FP32 and uniform INT8 builds
         of the same model, call by call in turn, and logged as ``ohq/onnx_ms``, ``ohq/onnx_fp32_ms``
-        and ``ohq/onnx_int8_ms``: the plan's speed measured, not assumed.
+        and ``ohq/onnx_int8_ms``: the plan's speed measured, not assumed. A pruned model deploys its
+        masked weights (:func:`~ohq_lightning.quant.swap.deployable_copy`).
         """
         if self.export_onnx is None or self._plan is None:
             return
@@ -510,7 +585,7 @@ class OHQCallback(Callback):
             return
         from ohq_lightning.deploy import convert, measure_latency, uniform
 
-        model = copy.deepcopy(pl_module).cpu()
+        model = deployable_copy(pl_module).cpu()  # pruning made permanent: pruned weights hold their masked values
         example = example.detach().cpu()
         batches = [batch.detach().cpu() for batch in self._model_inputs(trainer, torch.device("cpu"), 4)]
         batches = [b for b in batches if isinstance(b, torch.Tensor)] or [example]
@@ -560,11 +635,6 @@ class OHQCallback(Callback):
                 f"OHQCallback does not support the {type(trainer.strategy).__name__} strategy (it shards or "
                 "re-wraps the model's layers): use a single device, 'ddp' or 'ddp_spawn'"
             )
-        if any(isinstance(callback, ModelPruning) for callback in trainer.callbacks):
-            raise ValueError(
-                "OHQCallback does not work beside ModelPruning yet: pruning re-parametrises the very weights "
-                "the fake-quant layers quantize"
-            )
 
     def _resolve_plan(
         self,
@@ -572,11 +642,11 @@ class OHQCallback(Callback):
         pl_module: pl.LightningModule,
         fitting: bool,
         ckpt_path: Any,
-        weights_only: bool | None,
+        checkpoint: _CheckpointInfo | None,
     ) -> tuple[QuantPlan | None, str]:
         """The plan to apply and where it came from (``None``: leave the module as it is)."""
-        if ckpt_path is not None:
-            stored, quantized = _inspect_checkpoint(ckpt_path, weights_only)
+        if checkpoint is not None:
+            stored, quantized = checkpoint.plan, checkpoint.quantized
             if stored is None and quantized:
                 if self._plan is None:
                     raise ValueError(_WEIGHTS_ONLY_MESSAGE)

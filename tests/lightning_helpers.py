@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ohq_lightning.callback import OHQCallback
 from ohq_lightning.hardware import AnalyticalTarget
-from ohq_lightning.quant import quantized_layers
+from ohq_lightning.quant import QuantLayer, quantized_layers
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
+from ohq_lightning.quant.modules import is_weight_pruned
 
 
 def random_images(count: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,3 +155,56 @@ class FitStartRecorder(pl.Callback):
             "step_sizes_optimized": all(id(q.scale) in optimized for q in quantizers),
         }
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PruningRecorder(pl.Callback):
+    """Watches what the fake-quant layers compute with while ``ModelPruning`` prunes (single process).
+
+    * ``pruned[epoch]``: at each epoch start, ``module name -> its pruning masks`` of every module;
+    * ``used``: at every train batch end, ``(epoch, layer name, the weight its wrapped module's
+      forward really used, its mask or None)``.
+    """
+
+    def __init__(self) -> None:
+        self.pruned: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.used: list[tuple[int, str, torch.Tensor, torch.Tensor | None]] = []
+        self._last: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, layer in quantized_layers(pl_module).items():
+            self._handles.append(layer.module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._last[name] = module.weight.detach().clone()  # inside the call: the weight it computed with
+
+        return hook
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        self.pruned[epoch] = {
+            name: {key: buffer.clone() for key, buffer in module._buffers.items() if key.endswith("_mask")}
+            for name, module in pl_module.named_modules()
+            if any(key.endswith("_mask") for key in module._buffers)
+        }
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        for name, layer in quantized_layers(pl_module).items():
+            mask = layer.module.weight_mask.clone() if is_weight_pruned(layer.module) else None
+            self.used.append((trainer.current_epoch, name, self._last[name], mask))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def fake_quant_module_names(model: nn.Module) -> set[str]:
+    """Names of the fake-quant wrappers and of their quantizers (what pruning must never touch)."""
+    names = set()
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLayer):
+            names.add(name)
+            names.update(f"{name}.{child}" for child in ("weight_quantizer", "input_quantizer"))
+    return names

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelPruning
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning_helpers import (
@@ -18,8 +18,10 @@ from lightning_helpers import (
     KeywordCNN,
     KeywordOnlyCNN,
     MarkingTarget,
+    PruningRecorder,
     TinyCNN,
     dict_loader,
+    fake_quant_module_names,
     image_keyword,
     image_loader,
     random_images,
@@ -28,7 +30,8 @@ from lightning_helpers import (
 import ohq_lightning.callback as callback_module
 from ohq_lightning.callback import OHQCallback, QATDivergedError, default_input_fn, plan_from_checkpoint
 from ohq_lightning.plan import QuantPlan
-from ohq_lightning.quant import QuantLayer, quantized_layers
+from ohq_lightning.quant import QuantLayer, apply_plan, quantized_layers
+from ohq_lightning.quant.modules import is_weight_pruned
 
 SEARCH = {"compression_ratio": 0.6, "synthetic": "gaussian", "num_samples": 4, "progress": False}
 HAND_PLAN = QuantPlan(
@@ -351,13 +354,178 @@ def test_export_onnx_must_be_a_path():
         OHQCallback(compression_ratio=0.6, export_onnx=3)
 
 
-def test_model_pruning_beside_the_callback_is_refused_clearly(tmp_path):
-    from lightning.pytorch.callbacks import ModelPruning
+PRUNING_EPOCHS = 3  # pruned at the end of each epoch; the masks of epoch 0 hold through the QAT steps after
 
-    callback = OHQCallback(compression_ratio=0.6, synthetic="gaussian", num_samples=4, progress=False)
-    trainer = quiet_trainer(tmp_path, [callback, ModelPruning("l1_unstructured", amount=0.5, verbose=0)])
-    with pytest.raises(ValueError, match="ModelPruning"):
-        trainer.fit(TinyCNN(), image_loader())
+
+@pytest.fixture(scope="module", params=["ohq first", "pruning first"])
+def pruned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A QAT fit beside ModelPruning (its defaults: every weight and bias, made permanent at the end)."""
+    root = tmp_path_factory.mktemp("pruned")
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ohq, recorder = OHQCallback(**SEARCH), PruningRecorder()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)  # global: half of all weights and biases
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    callbacks = [ohq, pruning] if request.param == "ohq first" else [pruning, ohq]
+    trainer = quiet_trainer(
+        root,
+        [*callbacks, checkpoint, recorder],
+        enable_checkpointing=True,
+        accumulate_grad_batches=2,
+        max_steps=-1,
+        max_epochs=PRUNING_EPOCHS,
+    )
+    trainer.fit(model, image_loader())
+    trainer.save_checkpoint(root / "final.ckpt")
+    model.eval()
+    images, _ = random_images(8, seed=2)
+    with torch.no_grad():
+        reference = model(images)
+    return {
+        "model": model,
+        "callback": ohq,
+        "trainer": trainer,
+        "recorder": recorder,
+        "last": Path(checkpoint.last_model_path),
+        "final": root / "final.ckpt",
+        "images": images,
+        "reference": reference,
+    }
+
+
+def test_model_pruning_prunes_the_weights_inside_the_fake_quant_layers(pruned: dict[str, Any]) -> None:
+    model, recorder = pruned["model"], pruned["recorder"]
+    layers = quantized_layers(model)
+    assert layers and pruned["trainer"].global_step == PRUNING_EPOCHS * 2  # 4 batches an epoch, 2 accumulated
+    assert recorder.pruned[0] == {}  # ModelPruning prunes at the end of each epoch
+    after_first = recorder.pruned[1]
+    untouchable = fake_quant_module_names(model)
+    assert not set(after_first) & untouchable  # neither the wrappers nor the quantizers' step sizes
+    assert all(float((after_first[f"{name}.module"]["weight_mask"] == 0).float().mean()) > 0.2 for name in layers)
+    assert {name for name in after_first if name not in {f"{n}.module" for n in layers}} == {"features.1"}  # BN
+    masks = [mask for module in after_first.values() for mask in module.values()]
+    assert sum(int((mask == 0).sum()) for mask in masks) == round(0.5 * sum(mask.numel() for mask in masks))
+
+
+def test_the_fake_quant_forward_computes_with_the_pruned_weights(pruned: dict[str, Any]) -> None:
+    used = [(epoch, name, weight, mask) for epoch, name, weight, mask in pruned["recorder"].used if epoch >= 1]
+    assert len(used) == (PRUNING_EPOCHS - 1) * 4 * len(quantized_layers(pruned["model"]))
+    for _, name, weight, mask in used:
+        assert mask is not None, name
+        pruned_fraction = float((mask == 0).float().mean())
+        assert pruned_fraction > 0.2
+        assert bool((weight[mask == 0] == 0).all()), name
+        assert float((weight == 0).float().mean()) >= pruned_fraction
+
+
+def test_pruned_weights_stay_zero_through_the_qat_steps(pruned: dict[str, Any]) -> None:
+    model, recorder = pruned["model"], pruned["recorder"]
+    for name, layer in quantized_layers(model).items():
+        assert not is_weight_pruned(layer.module)  # make_pruning_permanent: a plain Parameter again
+        assert isinstance(layer.module.weight, torch.nn.Parameter) and not isinstance(layer.weight, torch.nn.Parameter)
+        zero = recorder.pruned[1][f"{name}.module"]["weight_mask"] == 0  # pruned at the end of epoch 0
+        assert bool((layer.module.weight[zero] == 0).all()) and bool((layer.quantized_weight()[zero] == 0).all())
+        for epoch in range(1, PRUNING_EPOCHS):  # within an epoch the QAT steps train the rest, never the pruned
+            used = [weight for e, n, weight, _ in recorder.used if e == epoch and n == name]
+            assert not torch.equal(used[0], used[-1])
+            assert all(bool((weight[zero] == 0).all()) for weight in used)
+
+
+def test_test_from_a_pruned_checkpoint_in_a_fresh_trainer_gives_the_same_outputs(
+    pruned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callback_module, "search", no_search)
+    torch.manual_seed(123)
+    for callbacks in ([OHQCallback()], [OHQCallback(), ModelPruning("l1_unstructured", amount=0.5, verbose=0)]):
+        model = TinyCNN()
+        trainer = quiet_trainer(tmp_path, callbacks)
+        trainer.test(model, image_loader(16, seed=3), ckpt_path=pruned["final"], verbose=False)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(pruned["images"]), pruned["reference"])
+
+
+def test_resume_beside_model_pruning(pruned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(callback_module, "search", no_search)
+    model = TinyCNN()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)
+    trainer = quiet_trainer(tmp_path, [OHQCallback(), pruning], accumulate_grad_batches=2, max_steps=-1, max_epochs=4)
+    trainer.fit(model, image_loader(), ckpt_path=pruned["last"])
+    assert trainer.global_step == 8
+    assert {n: layer.option for n, layer in quantized_layers(model).items()} == {
+        n: layer.option for n, layer in quantized_layers(pruned["model"]).items()
+    }
+    # the checkpoint holds the masked weights but no masks (make_pruning_permanent): the new ModelPruning
+    # prunes half of all weights and biases again at the end of the resumed epoch
+    pruned_parameters = [p for name, p in model.named_parameters() if name.endswith(("weight", "bias"))]
+    zeros = sum(int((p == 0).sum()) for p in pruned_parameters)
+    assert zeros >= 0.5 * sum(p.numel() for p in pruned_parameters)
+
+
+def test_non_permanent_pruning_checkpoints_load_resume_and_deploy_the_masked_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    callback = OHQCallback(**SEARCH, export_onnx="plan.onnx")
+    pruning = ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False, verbose=0)
+    trainer = quiet_trainer(tmp_path / "fit", [callback, pruning], max_steps=-1, max_epochs=2)
+    trainer.fit(model, image_loader())
+    layers = quantized_layers(model)
+    assert all(is_weight_pruned(layer.module) for layer in layers.values())
+    graph = onnx.load(tmp_path / "fit" / "plan.onnx")
+    int8_weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    deployed = {w.size: w for w in int8_weights if w.ndim >= 2}  # the three layers differ in size
+    assert len(deployed) == len(layers)
+    for layer in layers.values():  # deployed as the masked values: zero where pruned
+        mask = layer.module.weight_mask.numpy()
+        weight = deployed[mask.size]
+        weight = weight if weight.shape == mask.shape else weight.T
+        assert (weight[mask == 0] == 0).all()
+
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    keys = torch.load(tmp_path / "pruned.ckpt", weights_only=True)["state_dict"]
+    assert "features.0.module.weight_orig" in keys and "features.0.module.weight" not in keys
+    model.eval()
+    images, _ = random_images(8, seed=2)
+    with torch.no_grad():
+        reference = model(images)
+
+    monkeypatch.setattr(callback_module, "search", no_search)
+    torch.manual_seed(123)
+    fresh = TinyCNN()
+    quiet_trainer(tmp_path / "test", [OHQCallback()]).test(
+        fresh, image_loader(16, seed=3), ckpt_path=tmp_path / "pruned.ckpt", verbose=False
+    )
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), reference)
+    assert all(is_weight_pruned(layer.module) for layer in quantized_layers(fresh).values())
+
+    resumed = TinyCNN()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False, verbose=0)
+    trainer = quiet_trainer(tmp_path / "resume", [pruning, OHQCallback()], max_steps=-1, max_epochs=3)
+    trainer.fit(resumed, image_loader(), ckpt_path=tmp_path / "pruned.ckpt")  # the optimizer state loads too
+    assert trainer.global_step == 12
+    for name, layer in quantized_layers(resumed).items():
+        before = layers[name].module.weight_mask == 0
+        assert bool((layer.module.weight_mask[before] == 0).all())
+        assert bool((layer.quantized_weight()[before] == 0).all())
+        assert int((layer.module.weight_mask == 0).sum()) > int(before.sum()), name  # and pruned further
+
+
+def test_model_pruning_default_choice_skips_the_wrappers_and_quantizers() -> None:
+    module = TinyCNN()
+    apply_plan(module, HAND_PLAN)
+    chosen = ModelPruning.sanitize_parameters_to_prune(module, (), parameter_names=["weight", "bias"])
+    names = {id(m): name for name, m in module.named_modules()}
+    chosen_names = {(names[id(m)], p) for m, p in chosen}
+    assert not {name for name, _ in chosen_names} & fake_quant_module_names(module)
+    for name in HAND_PLAN.assignment:
+        assert {(f"{name}.module", "weight"), (f"{name}.module", "bias")} <= chosen_names
 
 
 def test_qat_on_a_module_in_eval_mode_warns(tmp_path):

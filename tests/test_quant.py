@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_net, same_state, state_snapshot
 from timm import layers as timm_layers
 from torch import nn
+from torch.nn.utils import prune
 
 from ohq_lightning.quant import (
     ActivationFakeQuant,
@@ -10,9 +13,12 @@ from ohq_lightning.quant import (
     WeightFakeQuant,
     apply_plan,
     calibrate,
+    learned_quantization,
     quantized_layers,
     strip_plan,
 )
+from ohq_lightning.quant.modules import float_weight, is_weight_pruned
+from ohq_lightning.quant.swap import deployable_copy
 
 PLAN = {"stem.0": "w8a8", "dw.0": "w4a8", "grouped.0": "w2a8", "fc": "fp32"}
 
@@ -228,3 +234,79 @@ def test_a_wrapper_that_fails_to_build_leaves_the_model_as_it_was(tiny_net, monk
     with pytest.raises(RuntimeError, match="cannot build"):
         apply_plan(tiny_net, {"stem.0": "w8a8", "fc": "w4a8"})
     assert built == [8] and not quantized_layers(tiny_net) and same_state(tiny_net, before)
+
+
+@pytest.mark.parametrize("pruned", ["before wrapping", "after wrapping"])
+def test_a_quant_layer_around_a_pruned_conv_quantizes_the_pruned_weight(pruned):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    if pruned == "before wrapping":
+        prune.l1_unstructured(conv, "weight", amount=0.5)
+    layer = QuantLayer(conv, "w4a8")
+    if pruned == "after wrapping":
+        prune.l1_unstructured(conv, "weight", amount=0.5)
+    assert is_weight_pruned(conv)
+    zero = conv.weight_mask == 0
+    assert int(zero.sum()) == 108
+    with torch.no_grad():
+        conv.weight_orig.mul_(0.5)  # the trained parameter moves on; the stale ``conv.weight`` does not
+    masked = conv.weight_orig * conv.weight_mask
+    assert torch.equal(layer.weight, masked) and not isinstance(layer.weight, nn.Parameter)
+    quantized = layer.quantized_weight()
+    assert bool((quantized[zero] == 0).all()) and int((quantized == 0).sum()) >= 108
+    assert torch.equal(quantized, layer.weight_quantizer(masked))
+
+    x = torch.randn(2, 3, 6, 6)
+    out = layer(x)
+    expected = nn.functional.conv2d(layer.input_quantizer(x), quantized, conv.bias, padding=1)
+    torch.testing.assert_close(out, expected)  # the forward computes with exactly the quantized pruned weight
+    out.square().sum().backward()
+    grad = conv.weight_orig.grad
+    assert grad is not None and bool((grad[zero] == 0).all()) and bool((grad[~zero] != 0).any())
+    assert layer.weight_quantizer.scale.grad is not None
+
+    stripped = strip_plan(nn.Sequential(layer))[0]
+    assert stripped is conv and is_weight_pruned(conv)  # the pruned conv, as it was
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), nn.functional.conv2d(x, masked, conv.bias, padding=1))
+
+
+def test_a_pruned_model_takes_a_plan_calibrates_trains_and_deploys_its_masked_weights(tiny_net, tiny_input):
+    prune.l1_unstructured(tiny_net.stem[0], "weight", amount=0.5)
+    model = apply_plan(tiny_net, PLAN)
+    layer = model.stem[0]
+    prune.l1_unstructured(model.dw[0].module, "weight", amount=0.3)  # pruned after the swap too
+    calibrate(model, [torch.randn(4, 3, 16, 16)], progress=False)
+    assert set(learned_quantization(model)) == {"stem.0", "dw.0", "grouped.0"}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert any(p is layer.module.weight_orig for group in optimizer.param_groups for p in group["params"])
+    model.train()
+    model(torch.randn(4, 3, 16, 16)).logsumexp(dim=1).mean().backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="deepcopy"):  # a plain copy fails after a training forward
+        copy.deepcopy(model)
+
+    model.eval()
+    kept, stripped = deployable_copy(model), deployable_copy(model, strip=True)
+    assert sorted(quantized_layers(kept)) == sorted(quantized_layers(model)) and not quantized_layers(stripped)
+    for name in ("stem.0", "dw.0"):
+        masked = float_weight(model.get_submodule(name).module).detach()
+        for conv in (kept.get_submodule(name).module, stripped.get_submodule(name)):
+            assert isinstance(conv.weight, nn.Parameter) and not is_weight_pruned(conv)
+            assert torch.equal(conv.weight, masked)  # pruning made permanent: the masked values
+    assert is_weight_pruned(model.stem[0].module) and is_weight_pruned(model.dw[0].module)  # the model is unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(kept(tiny_input), model(tiny_input))
+        torch.testing.assert_close(stripped(tiny_input), strip_plan(model)(tiny_input))  # the pruned float model
+
+
+def test_removing_the_pruning_after_the_wrap_leaves_a_plain_quant_layer():
+    conv = nn.Linear(6, 4)
+    layer = QuantLayer(conv, "w8a8")
+    prune.random_unstructured(conv, "weight", amount=0.5)
+    zero = conv.weight_mask == 0
+    prune.remove(conv, "weight")
+    assert not is_weight_pruned(conv) and isinstance(conv.weight, nn.Parameter)
+    assert bool((layer.quantized_weight()[zero] == 0).all())
+    layer(torch.randn(3, 6)).sum().backward()
+    assert conv.weight.grad is not None

@@ -7,11 +7,45 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import prune
 
 from ohq_lightning.plan import Option
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant, FloatCast, WeightFakeQuant
 
-__all__ = ["QuantLayer"]
+__all__ = ["QuantLayer", "float_weight", "is_weight_pruned"]
+
+
+def is_weight_pruned(module: nn.Module) -> bool:
+    """Whether :mod:`torch.nn.utils.prune` re-parametrises ``module.weight`` (as Lightning's ``ModelPruning`` does).
+
+    A pruned module holds ``weight_orig`` (the trained :class:`~torch.nn.Parameter`) and
+    ``weight_mask`` (a buffer), and a forward pre-hook sets ``module.weight = weight_orig * weight_mask``
+    at every call; between calls ``module.weight`` is whatever the last call left there.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3)
+        >>> _ = prune.l1_unstructured(conv, "weight", amount=0.5)
+        >>> is_weight_pruned(conv)
+        True
+    """
+    if "weight_orig" not in module._parameters or "weight_mask" not in module._buffers:
+        return False
+    return any(
+        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight"
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight ``module`` computes with now: ``weight_orig * weight_mask`` when pruned, else ``weight``.
+
+    Computed afresh from the parameter (never the value a pruned module's last call left behind),
+    so gradients reach ``weight_orig``.
+    """
+    if is_weight_pruned(module):
+        orig = module.weight_orig
+        return module.weight_mask.to(dtype=orig.dtype) * orig
+    return module.weight
 
 
 class QuantLayer(nn.Module):
@@ -22,6 +56,15 @@ class QuantLayer(nn.Module):
     fake-quantizes the first input (``input_quantizer``), then calls the original module's own
     forward with a fake-quantized weight, so subclasses that transform their weight (timm's
     ``StdConv2d``) or pad dynamically (``Conv2dSame``) compute what they always did.
+
+    Pruning (:mod:`torch.nn.utils.prune`, Lightning's ``ModelPruning``) works on the wrapped module,
+    before or after the wrap: the layer then fake-quantizes the pruned weight
+    ``weight_orig * weight_mask`` (pruned entries stay exactly zero: zero is on the symmetric grid),
+    gradients reach ``weight_orig`` (zero where masked), and :meth:`strip_plan
+    <ohq_lightning.quant.strip_plan>` gives back the pruned module. Prune ``layer.module``, not the
+    layer: :attr:`weight` is a computed tensor, not a ``Parameter``, so ``ModelPruning``'s default
+    choice of parameters finds the wrapped module's ``weight`` and never this wrapper (nor the
+    quantizers' step sizes, which are named ``scale``).
 
     Args:
         module: the layer to wrap (a supported conv or linear module).
@@ -47,20 +90,28 @@ class QuantLayer(nn.Module):
                 self.input_quantizer = FloatCast(parsed.float_format)
         else:
             assert parsed.weight_bits is not None
-            self.weight_quantizer = WeightFakeQuant(module.weight, parsed.weight_bits)
+            self.weight_quantizer = WeightFakeQuant(float_weight(module).detach(), parsed.weight_bits)
             if parsed.act_bits is not None:
                 self.input_quantizer = ActivationFakeQuant(parsed.act_bits, signed=input_signed)
 
     @property
-    def weight(self) -> nn.Parameter:
-        """The original (float) weight parameter of the wrapped module."""
-        return self.module.weight
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer fake-quantizes: the wrapped module's, masked if it is pruned.
+
+        A tensor computed from the wrapped module's parameter (gradients flow to it), not the
+        ``Parameter`` itself, so tools that look for ``weight`` parameters (``ModelPruning``) find the
+        wrapped module's. Read it; train, load, initialise or prune ``layer.module.weight`` (its
+        ``weight_orig`` while pruned).
+        """
+        weight = float_weight(self.module)
+        return weight.view_as(weight) if isinstance(weight, nn.Parameter) else weight
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight the forward uses (fake-quantized, still in float)."""
+        """The weight the forward uses (fake-quantized, still in float; pruned entries stay zero)."""
+        weight = float_weight(self.module)
         if self.weight_quantizer is None:
-            return self.module.weight
-        return self.weight_quantizer(self.module.weight)
+            return weight
+        return self.weight_quantizer(weight)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's forward on a fake-quantized input with a fake-quantized weight."""
@@ -68,7 +119,14 @@ class QuantLayer(nn.Module):
             args = (self.input_quantizer(args[0]), *args[1:])
         if self.weight_quantizer is None:
             return self.module(*args, **kwargs)
-        return functional_call(self.module, {"weight": self.quantized_weight()}, args, kwargs, strict=False)
+        weight = self.quantized_weight()
+        if is_weight_pruned(self.module):
+            # the pruning hook sets weight = weight_orig * weight_mask inside the call: feed it the
+            # quantized (already masked) weight and a mask of ones, so the call uses exactly ``weight``
+            tensors = {"weight_orig": weight, "weight_mask": torch.ones_like(self.module.weight_mask)}
+        else:
+            tensors = {"weight": weight}
+        return functional_call(self.module, tensors, args, kwargs, strict=False)
 
     def extra_repr(self) -> str:
         return f"option={self.option!r}"

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from ohq_lightning.layers import preserved_state, quantizable_types, run_model
 from ohq_lightning.plan import Option, QuantPlan
 from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
-from ohq_lightning.quant.modules import QuantLayer
+from ohq_lightning.quant.modules import QuantLayer, float_weight
 
-__all__ = ["apply_plan", "calibrate", "quantized_layers", "strip_plan"]
+__all__ = ["apply_plan", "calibrate", "deployable_copy", "quantized_layers", "strip_plan"]
 
 
 def _assignment(plan: QuantPlan | Mapping[str, str]) -> dict[str, str]:
@@ -85,7 +88,7 @@ def apply_plan(
 
 def _wrap(module: nn.Module, option: Option, input_signed: bool | None) -> QuantLayer:
     wrapper = QuantLayer(module, option, input_signed=input_signed)
-    wrapper.to(device=module.weight.device)
+    wrapper.to(device=float_weight(module).device)
     wrapper.train(module.training)
     return wrapper
 
@@ -116,6 +119,45 @@ def strip_plan(model: nn.Module, names: Iterable[str] | None = None) -> nn.Modul
     for wrapper in wrappers:
         _replace(model, wrapper, wrapper.module)
     return model
+
+
+def deployable_copy(model: nn.Module, *, strip: bool = False) -> nn.Module:
+    """A copy of ``model`` to deploy or export: pruning made permanent, fake-quant layers kept or stripped.
+
+    Every :mod:`torch.nn.utils.prune` re-parametrisation (``ModelPruning`` with
+    ``make_pruning_permanent=False``, or pruning applied by hand) is removed from the copy, so a
+    pruned weight is a plain ``Parameter`` holding its masked values (and a fake-quant layer's
+    learned step sizes still apply to it). ``model`` is not changed. A plain :func:`copy.deepcopy`
+    refuses a pruned model after a training forward (the masked weight the pruning hook left on the
+    module is not a graph leaf); this copy does not.
+
+    Args:
+        model: the model (with or without a plan applied, pruned or not).
+        strip: also replace the fake-quant layers by the float layers they wrap (:func:`strip_plan`).
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3)
+        >>> _ = prune.l1_unstructured(conv, "weight", amount=0.5)
+        >>> model = apply_plan(torch.nn.Sequential(conv), {"0": "w4a8"})
+        >>> copied = deployable_copy(model, strip=True)
+        >>> type(copied[0]).__name__, float((copied[0].weight == 0).float().mean())
+        ('Conv2d', 0.5)
+    """
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    stale = module.__dict__.get(hook._tensor_name)
+                    if isinstance(stale, torch.Tensor):  # what the last call left: copy a fresh, detached value
+                        memo[id(stale)] = hook.apply_mask(module).detach()
+        copied = copy.deepcopy(model, memo)
+        for module in copied.modules():
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    hook.remove(module)
+                    del module._forward_pre_hooks[key]
+    return strip_plan(copied) if strip else copied
 
 
 def _quant_layer(model: nn.Module, name: str) -> QuantLayer:
