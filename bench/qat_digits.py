@@ -33,29 +33,16 @@ from typing import Any
 import lightning.pytorch as pl
 import timm
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ohq_lightning.callback import OHQCallback
+from ohq_lightning.cli.data import digits_split
+from ohq_lightning.cli.model import Classifier
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.quant import quantized_layers
 
 OPTIONS = ("w8a8", "w4a8", "w2a8")
-
-
-def digits_tensors(seed: int = 0, train_size: int = 1200, size: int = 32) -> dict[str, torch.Tensor]:
-    """The digits split as ``{"x_train", "y_train", "x_test", "y_test"}``: 3x``size``x``size`` normalised images."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:train_size], order[train_size:]
-    mean, std = images[train].mean(), images[train].std()
-    images = F.interpolate((images - mean) / std, size=(size, size), mode="bilinear", align_corners=False)
-    images = images.repeat(1, 3, 1, 1)
-    return {"x_train": images[train], "y_train": labels[train], "x_test": images[test], "y_test": labels[test]}
 
 
 def train_loader(data: dict[str, torch.Tensor], batch_size: int = 64, seed: int = 0) -> DataLoader:
@@ -66,29 +53,6 @@ def train_loader(data: dict[str, torch.Tensor], batch_size: int = 64, seed: int 
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-class DigitsClassifier(pl.LightningModule):
-    """A classifier network trained with cross-entropy, by SGD with momentum and a cosine schedule."""
-
-    def __init__(self, model: nn.Module, lr: float, epochs: int, weight_decay: float = 5e-4) -> None:
-        super().__init__()
-        self.model = model
-        self.lr = lr
-        self.epochs = epochs
-        self.weight_decay = weight_decay
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 @torch.no_grad()
@@ -102,7 +66,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(labels)
 
 
-def fit(module: DigitsClassifier, loader: DataLoader, epochs: int, root: str, callbacks: list[pl.Callback]) -> float:
+def fit(module: Classifier, loader: DataLoader, epochs: int, root: str, callbacks: list[pl.Callback]) -> float:
     """Fit ``module`` for ``epochs`` epochs on the CPU, quietly; return the seconds it took."""
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -135,7 +99,7 @@ def quantize(
     seconds: dict[str, float] = {}
     # copies in train mode: Lightning keeps a module's mode, and QAT with frozen BatchNorm diverges here
     pl.seed_everything(seed, verbose=False)
-    calibrated = DigitsClassifier(copy.deepcopy(network).train(), lr=qat_lr, epochs=qat_epochs)
+    calibrated = Classifier(copy.deepcopy(network).train(), lr=qat_lr, epochs=qat_epochs)
     search = OHQCallback(
         compression_ratio=ratio, options=list(OPTIONS), synthetic=synthetic, finetune=False, seed=seed, progress=False
     )
@@ -144,7 +108,7 @@ def quantize(
     calibrated_acc = accuracy(calibrated, data["x_test"], data["y_test"])
 
     pl.seed_everything(seed, verbose=False)
-    qat = DigitsClassifier(copy.deepcopy(network).train(), lr=qat_lr, epochs=qat_epochs)
+    qat = Classifier(copy.deepcopy(network).train(), lr=qat_lr, epochs=qat_epochs)
     given = OHQCallback(plan=plan, finetune=True, seed=seed, progress=False)
     seconds["calibrate_and_qat"] = fit(qat, train_loader(data, seed=seed), qat_epochs, root, [given])
     qat_acc = accuracy(qat, data["x_test"], data["y_test"])
@@ -174,11 +138,11 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train float once, then calibrate-only and QAT at each ratio; the figures as a JSON-able dict."""
-    data = digits_tensors(seed)
+    data = digits_split(seed)
     with tempfile.TemporaryDirectory() as root:
         pl.seed_everything(seed, verbose=False)
         network = timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=3)
-        float_module = DigitsClassifier(network, lr=lr, epochs=epochs)
+        float_module = Classifier(network, lr=lr, epochs=epochs)
         float_seconds = fit(float_module, train_loader(data, seed=seed), epochs, root, [])
         float_acc = accuracy(float_module, data["x_test"], data["y_test"])
         runs = [

@@ -1,83 +1,47 @@
-"""``python -m ohq_lightning``: search a plan for a timm model and print it.
+"""``python -m ohq_lightning``: the Hydra app (see ``conf/config.yaml`` and ``recipes/``).
 
-An interim command line until the Hydra app lands: it runs the data-free search on a
-randomly initialised timm model (offline; no weights are downloaded) and prints the per-layer
-plan, or writes it as JSON with ``--out``.
+Examples::
+
+    python -m ohq_lightning +recipe=mobilenetv3            # built-in offline data, this CPU, a few minutes
+    python -m ohq_lightning +recipe=resnet18 ohq.compression_ratio=0.5
+    python -m ohq_lightning -m +recipe=resnet18 ohq.compression_ratio=0.5,0.6,0.7,0.8   # one Pareto summary
+    python -m ohq_lightning --cfg job                       # print the composed config
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import Sequence
+import hydra
+from omegaconf import DictConfig
+
+from ohq_lightning.cli.config import register_configs
 
 __all__ = ["main"]
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ohq_lightning", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenetv3_large_100", help="timm model name (random init, offline)")
-    parser.add_argument("--input-size", type=int, default=224, help="input height and width")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument(
-        "--target",
-        default="analytical",
-        choices=["analytical", "cpu", "generic_cpu", "bit_serial_accel"],
-        help="hardware target: analytical estimates, or 'cpu' to measure this CPU in ONNX Runtime (minutes)",
-    )
-    parser.add_argument("--compression-ratio", type=float, default=0.6, help="plan weight bytes / INT8 weight bytes")
-    parser.add_argument("--latency-budget", type=float, default=None, help="ms, on the target's latency model")
-    parser.add_argument("--options", default=None, help="comma-separated candidate options (default: the target's)")
-    parser.add_argument("--sensitivity", default="quantize", choices=["quantize", "random_mask"])
-    parser.add_argument("--synthetic", default="distilled", choices=["distilled", "gaussian"])
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the plan as JSON to this path")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
+register_configs()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the search and print the plan; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    import timm
-    import torch
+@hydra.main(version_base="1.3", config_path="pkg://ohq_lightning.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Run the job on the composed config and print its summary."""
+    from hydra.core.hydra_config import HydraConfig
 
-    from ohq_lightning.api import search
-    from ohq_lightning.report import format_plan_table
+    from ohq_lightning.cli.job import run_job, summary_table
     from ohq_lightning.solver import InfeasibleBudgetError
 
-    try:  # timm zero-initialises the last BatchNorm of residual blocks, which hides them from MQE when untrained
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, zero_init_last=False)
-    except TypeError:
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
-    example = torch.randn(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(args.seed))
+    output_dir = HydraConfig.get().runtime.output_dir
     try:
-        plan = search(
-            model,
-            example,
-            target=args.target,
-            compression_ratio=args.compression_ratio,
-            latency_budget=args.latency_budget,
-            options=None if args.options is None else [o for o in args.options.split(",") if o],
-            sensitivity=args.sensitivity,
-            synthetic=args.synthetic,
-            num_samples=args.num_samples,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except (ValueError, InfeasibleBudgetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"OHQ plan for {args.model} @ {args.input_size}x{args.input_size} (random init, {args.target} target)")
-    print(format_plan_table(plan))
-    print("stage seconds: " + json.dumps({k: round(v, 2) for k, v in plan.meta["timings_s"].items()}))
-    if args.out:
-        plan.save(args.out)
-        print(f"plan written to {args.out}")
-    return 0
+        report = run_job(cfg, output_dir)
+    except (ValueError, InfeasibleBudgetError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"error: {error}") from None
+    print()
+    print(summary_table(report))
+    ratios = report["ratios"]
+    print(
+        f"OHQ / uniform INT8 latency {ratios['ohq_over_int8']:.3f}, "
+        f"OHQ / best uniform {ratios['ohq_over_best_uniform']:.3f}; plan options {report['plan']['option_counts']}"
+    )
+    print(f"report: {output_dir}/report.md (report.json, plan.json, plan.png, accuracy_latency.png)")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

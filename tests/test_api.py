@@ -6,7 +6,6 @@ from conftest import same_state, state_snapshot
 from torch import nn
 
 import ohq_lightning as ohq
-from ohq_lightning.__main__ import main
 from ohq_lightning.api import validate_budgets
 
 FAST = {"num_samples": 8, "distill_steps": 5, "progress": False}
@@ -95,49 +94,6 @@ def test_a_custom_hardware_target_plugs_into_the_seam(tiny_net, tiny_input):
     assert list(plan.assignment.values()).count("w4a8") == 0
 
 
-def test_module_entry_point_prints_a_plan(capsys, tmp_path):
-    out = tmp_path / "plan.json"
-    code = main(
-        [
-            "--model",
-            "resnet10t",
-            "--input-size",
-            "32",
-            "--num-classes",
-            "10",
-            "--synthetic",
-            "gaussian",
-            "--num-samples",
-            "2",
-            "--no-progress",
-            "--out",
-            str(out),
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert code == 0 and "| layer" in printed and "size_ratio=" in printed
-    assert ohq.QuantPlan.from_json(out).predicted["size_ratio"] <= 0.6
-
-
-def test_module_entry_point_reports_infeasible_budgets(capsys):
-    code = main(
-        [
-            "--model",
-            "resnet10t",
-            "--input-size",
-            "32",
-            "--compression-ratio",
-            "0.05",
-            "--synthetic",
-            "gaussian",
-            "--num-samples",
-            "2",
-            "--no-progress",
-        ]
-    )
-    assert code == 2 and "smallest feasible compression_ratio" in capsys.readouterr().err
-
-
 def test_search_can_minimise_latency_under_a_sensitivity_bound(tiny_net, tiny_input):
     accurate = ohq.search(tiny_net, tiny_input, compression_ratio=1.0, **FAST)
     bound = 2 * accurate.predicted["sensitivity"] + 1e-9
@@ -162,32 +118,6 @@ def test_search_measures_the_plans_it_picks_on_targets_that_can(tiny_net, tiny_i
     assert len(calls) == 2 and plan.meta["plan_measured"] is True and "refine" in plan.meta["timings_s"]
     plain = ohq.search(tiny_net, tiny_input, compression_ratio=0.6, **FAST)
     assert plain.meta["plan_measured"] is False and "refine" not in plain.meta["timings_s"]
-
-
-@pytest.mark.slow
-def test_module_entry_point_measures_the_cpu_on_request(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("OHQ_CACHE_DIR", str(tmp_path))
-    code = main(
-        [
-            "--model",
-            "resnet10t",
-            "--input-size",
-            "32",
-            "--num-classes",
-            "10",
-            "--target",
-            "cpu",
-            "--compression-ratio",
-            "1.0",
-            "--synthetic",
-            "gaussian",
-            "--num-samples",
-            "2",
-            "--no-progress",
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert code == 0 and "(random init, cpu target)" in printed and "base_latency_ms=" in printed
 
 
 def test_sensitivity_budget_named_by_an_option_bounds_by_that_uniform_plan(tiny_net, tiny_input):

@@ -11,13 +11,13 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import ohq_lightning.callback as callback_module
 from ohq_lightning.callback import OHQCallback
+from ohq_lightning.cli.data import digits_split
 from ohq_lightning.quant import ActivationFakeQuant, QuantLayer, quantized_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
@@ -32,18 +32,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def digits(seed: int = 0, size: int = 32, train_size: int = 1200) -> dict[str, torch.Tensor]:
-    """A seeded train/test split of the 8x8 digits: normalised, upsampled to ``size`` (bilinear), 3 channels."""
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:train_size], order[train_size:]
-    images = (images - images[train].mean()) / images[train].std()
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    return {"x_train": images[train], "y_train": labels[train], "x_test": images[test], "y_test": labels[test]}
 
 
 def loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64, seed: int | None = 0) -> DataLoader:
@@ -147,7 +135,7 @@ def no_search(*args: Any, **kwargs: Any) -> None:
 
 def test_timm_model_fit_quantizes_and_checkpoint_reproduces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real timm network: search + swap + calibration + 4 QAT steps, then ``test`` from the checkpoint."""
-    data = digits(size=32, train_size=64)
+    data = digits_split(size=32, train_size=64)
     torch.manual_seed(0)
     model = Classifier(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10), lr=0.01)
     settle_batchnorm(model, data["x_train"])
@@ -196,7 +184,7 @@ def test_qat_beats_calibration_only_on_digits_for_the_same_low_bit_plan(tmp_path
     """At ``compression_ratio=0.3`` the big convolutions go to 2 bits: calibration alone loses much of the
     accuracy, two epochs of QAT with the same plan win it back (seeds 0-2: QAT - calibration-only
     = 0.30 to 0.80, QAT within 0.025 of float)."""
-    data = digits(seed=0, size=16)
+    data = digits_split(seed=0, size=16)
     pl.seed_everything(0, verbose=False)
     network = small_cnn()
     quiet_trainer(tmp_path, [], max_epochs=8).fit(

@@ -1,0 +1,145 @@
+"""The network of the Hydra job: a timm model, its weights, and the LightningModule that trains it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Classifier", "build_model", "load_weights"]
+
+_PREFIXES = ("model.", "module.", "network.")
+
+
+def _cached_pretrained_file(name: str) -> str:
+    """The local file of timm's pretrained weights for ``name``; a clear error when they are not cached."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights for {name!r}")
+    repo = cfg.hf_hub_id
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin", cfg.hf_hub_filename):
+            if filename:
+                found = try_to_load_from_cache(repo, filename)
+                if isinstance(found, str):
+                    return found
+    if cfg.file and Path(cfg.file).is_file():
+        return str(cfg.file)
+    raise ValueError(
+        f"model.pretrained=true: timm's weights for {name!r} are not in the local cache (Hugging Face hub "
+        f"{repo or cfg.url or '?'}) and nothing is downloaded here. Fetch them once on a machine with network "
+        f"(timm.create_model({name!r}, pretrained=True)) and copy the cache (~/.cache/huggingface), or pass "
+        "model.checkpoint=/path/to/weights"
+    )
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path} holds no state dict (tensors by name)")
+    return data
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a state dict (``.pth``/``.pt``/``.safetensors``, or a Lightning ``.ckpt``) into ``model``, strictly.
+
+    Keys prefixed ``model.``/``module.``/``network.`` (a LightningModule or DDP wrapper) are
+    matched without the prefix. Missing or unexpected keys and shape mismatches are reported by
+    name. Files are read with ``weights_only=True`` (no pickle code runs).
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ValueError(f"model.checkpoint={str(checkpoint)!r} does not exist")
+    state = _state_dict(path)
+    own = model.state_dict()
+    for prefix in _PREFIXES:
+        if state and not any(key in own for key in state) and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    shapes = [
+        f"{key}: {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model"
+        for key, value in state.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if shapes:
+        raise ValueError(f"{path} does not fit the model (a different number of classes?): " + "; ".join(shapes[:5]))
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the model: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    model.load_state_dict(state)
+
+
+def build_model(name: str, *, num_classes: int, checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm model by name with ``num_classes`` outputs; weights from ``checkpoint``, timm's local cache, or random.
+
+    Nothing is downloaded: ``pretrained=True`` reads timm's weights from the local cache only (the
+    classifier is replaced when ``num_classes`` differs from the weights').
+
+    Example:
+        >>> build_model("resnet10t", num_classes=10).num_classes
+        10
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+    if checkpoint and pretrained:
+        raise ValueError("give model.checkpoint or model.pretrained=true, not both")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = {"file": _cached_pretrained_file(name)}
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+class Classifier(pl.LightningModule):
+    """A classification network trained with cross-entropy by SGD (momentum 0.9) and a per-epoch cosine schedule.
+
+    Args:
+        model: the network (its ``forward`` gives logits).
+        lr: peak learning rate.
+        epochs: length of the cosine schedule.
+        weight_decay: L2 weight decay.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 0.05, epochs: int = 1, weight_decay: float = 5e-4) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.epochs = epochs
+        self.weight_decay = weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x``."""
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of one batch (logged as ``train_loss``)."""
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """SGD with momentum and a cosine learning-rate schedule over ``epochs``."""
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
