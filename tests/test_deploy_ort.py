@@ -35,7 +35,7 @@ def test_a_mixed_plan_runs_close_to_the_float_model(model_and_input, tmp_path):
     assert deployed.save(tmp_path / "plan.onnx").stat().st_size > 0
 
 
-def test_a_model_with_a_plan_applied_is_deployed_from_its_float_weights_and_left_alone(model_and_input):
+def test_a_model_with_a_plan_applied_is_deployed_and_left_alone(model_and_input):
     model, example = model_and_input
     apply_plan(model, {"stem.0": "w4a8"})
     before = state_snapshot(model)
@@ -52,6 +52,37 @@ def test_measure_latency_times_each_deployed_model(model_and_input):
     assert len(timings) == 2 and all(t.median_ms > 0 and t.repeats >= 6 for t in timings)
     with pytest.raises(ValueError, match="rounds"):
         measure_latency([], example, rounds=0)
+
+
+def test_runner_runs_one_inference_on_the_prepared_input(model_and_input):
+    model, example = model_and_input
+    deployed = uniform(model, "w8a8", example)
+    run = deployed.runner(example)
+    (output,) = run()
+    assert np.array_equal(output, deployed(example))
+
+
+class _SleeplessRunner:
+    """Another runtime's deployed model: anything with ``runner(example_inputs)``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def runner(self, example_inputs: torch.Tensor):
+        def run() -> torch.Tensor:
+            self.calls += 1
+            return example_inputs * 2
+
+        return run
+
+
+def test_measure_latency_times_any_deployed_model_with_a_runner(model_and_input):
+    model, example = model_and_input
+    other = _SleeplessRunner()
+    timings = measure_latency([uniform(model, "fp32", example), other], example, settings=QUICK, rounds=2)
+    assert len(timings) == 2 and other.calls >= 6 and timings[1].repeats >= 6
+    with pytest.raises(TypeError, match="runner"):
+        measure_latency([object()], example, settings=QUICK, rounds=1)
 
 
 def test_a_plan_naming_unknown_layers_is_rejected(model_and_input):

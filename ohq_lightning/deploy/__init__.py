@@ -2,23 +2,29 @@
 
 from ohq_lightning.deploy.onnx_qdq import (
     ActivationRange,
+    FixedQuantization,
     QDQBuilder,
     activation_ranges,
     export_onnx,
+    input_qparams,
     layer_nodes,
     quantize_onnx_layers,
     quantize_weight_per_channel,
 )
-from ohq_lightning.deploy.ort import DeployedModel, convert, measure_latency, uniform
+from ohq_lightning.deploy.ort import DeployedModel, SupportsRunner, convert, learned_grids, measure_latency, uniform
 
 __all__ = [
     "ActivationRange",
     "DeployedModel",
+    "FixedQuantization",
     "QDQBuilder",
+    "SupportsRunner",
     "activation_ranges",
     "convert",
     "export_onnx",
+    "input_qparams",
     "layer_nodes",
+    "learned_grids",
     "measure_latency",
     "quantize_onnx_layers",
     "quantize_weight_per_channel",

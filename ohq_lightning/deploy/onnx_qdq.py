@@ -6,11 +6,20 @@ layer the plan runs in integer arithmetic then gets, in the ONNX graph:
 * its weight stored as signed 8-bit per output channel (``DequantizeLinear`` with ``axis=0``);
   a ``w{b}`` option with b < 8 stores the weight on its ``b``-bit grid inside int8;
 * its bias stored as int32 at scale ``input_scale x weight_scale``;
-* ``QuantizeLinear -> DequantizeLinear`` (unsigned 8-bit) on its input and on its output,
+* ``QuantizeLinear -> DequantizeLinear`` (unsigned 8-bit) on its input and on its output (after a
+  ``Relu``/``Clip`` that follows it), except the output of a ``Gemm`` that does not feed integer
+  layers, which stays float (ORT's ``QGemm`` writes float: no requantization, one op fewer),
 
 which ORT's graph optimiser fuses into ``QLinearConv``/``QGemm``; between two integer layers the
 redundant dequantize/quantize pair disappears, so quantize/dequantize remain exactly where the
 precision changes. Layers left in float keep their float ``Conv``/``Gemm``.
+
+Scales come from one of two places. By default the weights get MSE-optimal per-channel step sizes
+(:func:`quantize_weight_per_channel`) and the activations the uint8 grid of their observed range
+(:func:`activation_ranges`). A layer given a :class:`FixedQuantization` (e.g. the step sizes a
+fake-quant model learned) uses its weight grid and its input grid instead, and a layer whose output
+feeds only integer layers that agree on one input grid quantizes its output on that grid, so the
+output quantization adds no rounding of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +38,17 @@ from ohq_lightning.layers import preserved_state
 from ohq_lightning.plan import Option
 from ohq_lightning.quant.fake_quant import int_range, mse_scale
 
-__all__ = ["ActivationRange", "activation_ranges", "export_onnx", "layer_nodes", "quantize_onnx_layers"]
+__all__ = [
+    "ActivationRange",
+    "FixedQuantization",
+    "QDQBuilder",
+    "activation_ranges",
+    "export_onnx",
+    "input_qparams",
+    "layer_nodes",
+    "quantize_onnx_layers",
+    "quantize_weight_per_channel",
+]
 
 _QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -47,6 +66,47 @@ class ActivationRange:
         scale = max(high - low, 1e-8) / 255.0
         zero_point = int(np.clip(round(-low / scale), 0, 255))
         return scale, zero_point
+
+
+@dataclass(frozen=True)
+class FixedQuantization:
+    """One layer's quantization decided before deployment, in PyTorch's terms (e.g. learned by fake-quant).
+
+    Attributes:
+        weight: the layer's float weight as its PyTorch module holds it (output channels first), or
+            ``None`` to leave the weights to the builder. The exported graph may hold a multiple of it
+            per output channel (a BatchNorm folded in); the builder finds that factor and folds it
+            into the step sizes, so the integer weights are exactly ``clip(round(weight / scale))``.
+        weight_bits: bits of the symmetric weight grid ``[-2^(b-1), 2^(b-1) - 1]`` (at most 8).
+        weight_scale: one positive step size per output channel.
+        input_qparams: ``(scale, zero_point)`` of the layer's uint8 input grid (see :func:`input_qparams`),
+            or ``None`` to use the observed input range.
+    """
+
+    weight: np.ndarray | None = None
+    weight_bits: int | None = None
+    weight_scale: np.ndarray | None = None
+    input_qparams: tuple[float, int] | None = None
+
+
+def input_qparams(bits: int, scale: float, signed: bool) -> tuple[float, int]:
+    """``(scale, zero_point)`` of the uint8 grid equal to a ``bits``-bit per-tensor grid of step ``scale``.
+
+    The unsigned 8-bit grid ``[0, 255]`` is itself (zero point 0); the signed 8-bit grid
+    ``[-128, 127]`` is the uint8 grid shifted by 128, so it keeps ORT's fast u8s8 kernels.
+
+    Raises:
+        ValueError: for other than 8 bits (ORT's integer kernels take 8-bit activations).
+
+    Example:
+        >>> input_qparams(8, 0.5, signed=True)
+        (0.5, 128)
+    """
+    if bits != 8:
+        raise ValueError(f"ORT's integer kernels take 8-bit activations, not {bits}-bit")
+    if not scale > 0:
+        raise ValueError(f"the step size must be positive, got {scale}")
+    return float(scale), 128 if signed else 0
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, *, opset: int = 17) -> Any:
@@ -180,6 +240,46 @@ def quantize_weight_per_channel(weight: np.ndarray, bits: int) -> tuple[np.ndarr
     return np.clip(np.round(weight / shaped), qmin, qmax).astype(np.int8), scale
 
 
+def _fixed_weight(
+    tag: str, exported: np.ndarray, weight: np.ndarray, scale: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Integer weights ``clip(round(weight / scale))`` and the step sizes that make them ``exported``.
+
+    ``exported`` is the graph's weight (output channels first); it is ``weight`` times a factor per
+    output channel (1, or a folded BatchNorm's ``gamma / sqrt(var + eps)``), which goes into the step
+    size (a negative factor negates the integers). Returns ``None``, with a warning, when ``exported``
+    is not such a multiple (a layer that transforms its weight, such as timm's ``StdConv2d``).
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if weight.shape != exported.shape or scale.shape != (weight.shape[0],) or not (scale > 0).all():
+        warnings.warn(
+            f"layer {tag!r}: the given weight or step sizes do not fit the exported weight; re-quantizing",
+            stacklevel=3,
+        )
+        return None
+    flat_w = weight.reshape(len(weight), -1).astype(np.float64)
+    flat_e = exported.reshape(len(exported), -1).astype(np.float64)
+    norm = (flat_w**2).sum(axis=1)
+    factor = np.where(norm > 0, (flat_w * flat_e).sum(axis=1) / np.where(norm > 0, norm, 1.0), 1.0)
+    residual = np.abs(flat_e - factor[:, None] * flat_w).max(axis=1)
+    if (residual > 1e-4 * np.abs(flat_e).max(axis=1) + 1e-30).any():
+        warnings.warn(
+            f"layer {tag!r}: the exported weight is not a per-channel multiple of the layer's weight (the layer "
+            "transforms its weight); its given step sizes cannot be deployed, so its weights are re-quantized",
+            stacklevel=3,
+        )
+        return None
+    qmin, qmax = int_range(bits, signed=True)
+    shaped = scale.reshape(-1, *[1] * (weight.ndim - 1))
+    ints = np.clip(np.round(weight / shaped), qmin, qmax)
+    alive = np.abs(factor) > 1e-12
+    sign = np.where(factor < 0, -1.0, 1.0).reshape(shaped.shape)
+    ints = np.where(alive.reshape(shaped.shape), ints * sign, 0.0)
+    step = np.where(alive, np.abs(factor) * scale, scale).astype(np.float32)
+    return np.clip(ints, -128, 127).astype(np.int8), step
+
+
 def _output_anchor(graph: Any, node: Any) -> Any:
     """The node whose output gets the layer's output quantize/dequantize: the layer itself, or the
     ``Relu``/``Clip`` right after it when that is its only consumer (ORT folds it into the int8 kernel)."""
@@ -193,14 +293,28 @@ def _output_anchor(graph: Any, node: Any) -> Any:
 class QDQBuilder:
     """Builds QDQ variants of one float ONNX graph, quantizing each layer's weights only once.
 
+    Args:
+        onnx_model: the float graph (:func:`export_onnx`).
+        ranges: layer name -> (input range, output range) observed on the float graph
+            (:func:`activation_ranges`); they set every grid that ``fixed`` does not.
+        fixed: layer name -> :class:`FixedQuantization`: a weight grid used when the option's weight
+            bits match, and an input grid. A layer whose output feeds only integer layers with one
+            common input grid quantizes its output on that grid; other outputs use their range.
+
     Example:
         >>> builder = QDQBuilder(graph, ranges)  # doctest: +SKIP
         >>> int8 = builder.build({"conv1": "w8a8", "fc": "w4a8"})  # doctest: +SKIP
     """
 
-    def __init__(self, onnx_model: Any, ranges: Mapping[str, tuple[ActivationRange, ActivationRange]]) -> None:
+    def __init__(
+        self,
+        onnx_model: Any,
+        ranges: Mapping[str, tuple[ActivationRange, ActivationRange]],
+        fixed: Mapping[str, FixedQuantization] | None = None,
+    ) -> None:
         self.graph = onnx_model
         self.ranges = dict(ranges)
+        self.fixed = dict(fixed or {})
         self._weights: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _weight(self, tag: str, node: Any, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -210,10 +324,41 @@ class QDQBuilder:
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node))
         key = (tag, bits)
         if key not in self._weights:
-            w_q, w_scale = quantize_weight_per_channel(weight.T if transposed else weight, bits)
+            weight = weight.T if transposed else weight
+            fixed = self.fixed.get(tag)
+            learned = None
+            if fixed is not None and fixed.weight is not None and fixed.weight_bits == bits:
+                assert fixed.weight_scale is not None
+                learned = _fixed_weight(tag, weight, fixed.weight, fixed.weight_scale, bits)
+            w_q, w_scale = learned if learned is not None else quantize_weight_per_channel(weight, bits)
             self._weights[key] = (w_q.T.copy() if transposed else w_q, w_scale)
         w_q, w_scale = self._weights[key]
         return w_q, w_scale, 1 if transposed else 0
+
+    def _input_qparams(self, name: str) -> tuple[float, int]:
+        fixed = self.fixed.get(name)
+        if fixed is not None and fixed.input_qparams is not None:
+            return fixed.input_qparams
+        return self.ranges[name][0].qparams()
+
+    def _output_qparams(
+        self, node: Any, integer: Mapping[str, Option], nodes: Mapping[str, list[Any]]
+    ) -> tuple[float, int] | None:
+        """The input grid shared by every consumer of ``node``'s (anchored) output, when all of them are
+        integer layers of this build that agree on one grid; else ``None`` (use the observed range)."""
+        output = _output_anchor(self.graph, node).output[0]
+        if output in {value.name for value in self.graph.graph.output}:
+            return None
+        layer_of = {id(n): name for name, group in nodes.items() for n in group}
+        grids = set()
+        for consumer in self.graph.graph.node:
+            if output not in consumer.input:
+                continue
+            name = layer_of.get(id(consumer))
+            if name is None or name not in integer or list(consumer.input).index(output) != 0:
+                return None
+            grids.add(self._input_qparams(name))
+        return grids.pop() if len(grids) == 1 else None
 
     def build(self, options: Mapping[str, str]) -> Any:
         """A copy of the graph where every layer with an integer option is in QDQ form.
@@ -238,16 +383,26 @@ class QDQBuilder:
         missing_ranges = sorted(set(integer) - set(self.ranges))
         if missing_ranges:
             raise ValueError(f"no activation ranges for layers {missing_ranges}")
+        original = layer_nodes(self.graph, list(integer))
+        missing = sorted(set(integer) - set(original))
+        if missing:
+            raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
+        output_grids = {  # decided on the unmodified graph, before any node is rewired
+            (name, index): self._output_qparams(node, integer, original)
+            for name in integer
+            for index, node in enumerate(original[name])
+        }
         model = onnx.ModelProto()
         model.CopyFrom(self.graph)
         nodes = layer_nodes(model, list(integer))
-        missing = sorted(set(integer) - set(nodes))
-        if missing:
-            raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
         for name, option in integer.items():
+            x_qparams = self._input_qparams(name)
             for index, node in enumerate(nodes[name]):
                 assert option.weight_bits is not None
-                self._quantize_node(model, f"{name}#{index}", node, option.weight_bits, self.ranges[name])
+                y_qparams = output_grids[(name, index)]
+                if y_qparams is None and node.op_type != "Gemm":  # ORT's QGemm can write float: no requantization
+                    y_qparams = self.ranges[name][1].qparams()
+                self._quantize_node(model, f"{name}#{index}", node, option.weight_bits, x_qparams, y_qparams)
         used = {tensor for node in model.graph.node for tensor in node.input}
         for init in [init for init in model.graph.initializer if init.name not in used]:
             model.graph.initializer.remove(init)  # the float weights and biases the QDQ copies replaced
@@ -255,12 +410,18 @@ class QDQBuilder:
         return model
 
     def _quantize_node(
-        self, model: Any, tag: str, node: Any, bits: int, ranges: tuple[ActivationRange, ActivationRange]
+        self,
+        model: Any,
+        tag: str,
+        node: Any,
+        bits: int,
+        x_qparams: tuple[float, int],
+        y_qparams: tuple[float, int] | None,
     ) -> None:
+        """Rewrite ``node`` in QDQ form in place; ``y_qparams`` ``None`` leaves its output in float."""
         from onnx import helper, numpy_helper
 
-        x_scale, x_zp = ranges[0].qparams()
-        y_scale, y_zp = ranges[1].qparams()
+        x_scale, x_zp = x_qparams
         w_q, w_scale, axis = self._weight(tag.rsplit("#", 1)[0], node, bits)
         inits = [
             numpy_helper.from_array(w_q, f"{tag}.w_q"),
@@ -268,8 +429,6 @@ class QDQBuilder:
             numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{tag}.w_zp"),
             numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}.x_scale"),
             numpy_helper.from_array(np.array(x_zp, np.uint8), f"{tag}.x_zp"),
-            numpy_helper.from_array(np.array(y_scale, np.float32), f"{tag}.y_scale"),
-            numpy_helper.from_array(np.array(y_zp, np.uint8), f"{tag}.y_zp"),
         ]
         pre = [
             helper.make_node("QuantizeLinear", [node.input[0], f"{tag}.x_scale", f"{tag}.x_zp"], [f"{tag}.xq"]),
@@ -291,22 +450,28 @@ class QDQBuilder:
             inputs.append(f"{tag}.bd")
         elif len(node.input) > 2:
             inputs.append(node.input[2])
-        anchor = _output_anchor(model, node)
-        output = anchor.output[0]
-        post = [
-            helper.make_node("QuantizeLinear", [f"{tag}.y", f"{tag}.y_scale", f"{tag}.y_zp"], [f"{tag}.yq"]),
-            helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [output]),
-        ]
         del node.input[:]
         node.input.extend(inputs)
-        anchor.output[0] = f"{tag}.y"
         nodes = model.graph.node
         position = list(nodes).index(node)
         for offset, new in enumerate(pre):
             nodes.insert(position + offset, new)
-        position = list(nodes).index(anchor)
-        for offset, new in enumerate(post):
-            nodes.insert(position + 1 + offset, new)
+        if y_qparams is not None:
+            y_scale, y_zp = y_qparams
+            inits += [
+                numpy_helper.from_array(np.array(y_scale, np.float32), f"{tag}.y_scale"),
+                numpy_helper.from_array(np.array(y_zp, np.uint8), f"{tag}.y_zp"),
+            ]
+            anchor = _output_anchor(model, node)
+            output = anchor.output[0]
+            anchor.output[0] = f"{tag}.y"
+            post = [
+                helper.make_node("QuantizeLinear", [f"{tag}.y", f"{tag}.y_scale", f"{tag}.y_zp"], [f"{tag}.yq"]),
+                helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [output]),
+            ]
+            position = list(nodes).index(anchor)
+            for offset, new in enumerate(post):
+                nodes.insert(position + 1 + offset, new)
         model.graph.initializer.extend(inits)
 
 
@@ -314,12 +479,14 @@ def quantize_onnx_layers(
     onnx_model: Any,
     options: Mapping[str, str],
     ranges: Mapping[str, tuple[ActivationRange, ActivationRange]],
+    fixed: Mapping[str, FixedQuantization] | None = None,
 ) -> Any:
     """A copy of ``onnx_model`` where every layer with an integer option is in QDQ form (see :class:`QDQBuilder`).
 
-    ``ranges`` maps layer name -> (input range, output range), e.g. from :func:`activation_ranges`.
+    ``ranges`` maps layer name -> (input range, output range), e.g. from :func:`activation_ranges`;
+    ``fixed`` optionally gives layers their own weight and input grids.
     """
-    return QDQBuilder(onnx_model, ranges).build(options)
+    return QDQBuilder(onnx_model, ranges, fixed).build(options)
 
 
 def _dequantize(prefix: str, output: str, *, axis: int) -> Any:
