@@ -12,8 +12,9 @@ from torch import nn
 
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.plan import CostTable, Option, QuantPlan, SensitivityTable, parse_options
-from ohq_lightning.sensitivity import METHODS, mqe_sensitivity
+from ohq_lightning.plan import CostTable, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
+from ohq_lightning.sensitivity import METHODS, MQE_METHODS, SensitivityProvider, mqe_sensitivity
+from ohq_lightning.sensitivity_baselines import random_sensitivity, weight_error_sensitivity
 from ohq_lightning.solver import check_budget_values, check_sensitivity_budget, solve
 from ohq_lightning.synthetic import synthetic_inputs
 
@@ -91,6 +92,38 @@ def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Se
     return found
 
 
+def _baseline_scores(
+    sensitivity: str | SensitivityTable | SensitivityProvider,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    options: Sequence[str],
+    *,
+    seed: int,
+    progress: bool,
+) -> SensitivityTable:
+    """The sensitivity table of anything but MQE: a baseline by name, a given table, or a provider's."""
+    if sensitivity == "weight_error":
+        table = weight_error_sensitivity(model, layers, options, progress=progress)
+    elif sensitivity == "random":
+        table = random_sensitivity(layers, options, seed=seed)
+    elif isinstance(sensitivity, SensitivityTable):
+        table = sensitivity
+    else:
+        assert callable(sensitivity)
+        table = sensitivity(model, layers, options)
+        if not isinstance(table, SensitivityTable):
+            raise ValueError(f"the sensitivity provider returned a {type(table).__name__}, not a SensitivityTable")
+    missing = [
+        (layer.name, option) for layer in layers for option in options if option not in table.scores.get(layer.name, {})
+    ]
+    if missing:
+        raise ValueError(
+            f"the sensitivity table ({table.method!r}) has no score for {len(missing)} layer/option pairs the search "
+            f"needs, e.g. {missing[:4]}: it must cover every quantizable layer at every candidate option"
+        )
+    return table
+
+
 def search(
     model: nn.Module,
     example_inputs: Any,
@@ -101,7 +134,7 @@ def search(
     energy_budget: float | None = None,
     bops_budget: float | None = None,
     options: Sequence[str] | None = None,
-    sensitivity: str = "quantize",
+    sensitivity: str | SensitivityTable | SensitivityProvider = "quantize",
     synthetic: str = "distilled",
     num_samples: int = 8,
     distill_steps: int = 20,
@@ -128,7 +161,12 @@ def search(
         energy_budget: total predicted energy, mJ.
         bops_budget: total bit operations.
         options: candidate options (default: the target's), e.g. ``["w8a8", "w4a8", "w2a8"]``.
-        sensitivity: MQE reading, ``"quantize"`` or ``"random_mask"``.
+        sensitivity: a name from :data:`~ohq_lightning.sensitivity.METHODS`: MQE's ``"quantize"`` or
+            ``"random_mask"`` reading, or a data-free baseline (``"weight_error"``, ``"random"``; see
+            :mod:`ohq_lightning.sensitivity_baselines`); or a precomputed
+            :class:`~ohq_lightning.plan.SensitivityTable` covering every layer and option; or a provider
+            called as ``sensitivity(model, layers, options)`` that returns one (e.g. the Hessian baseline
+            with its data). Synthetic inputs are made only for MQE.
         synthetic: ``"distilled"`` (BatchNorm-statistics matching) or ``"gaussian"``.
         num_samples: synthetic inputs used by MQE.
         distill_steps: optimisation steps of the distilled inputs.
@@ -163,8 +201,15 @@ def search(
         bops_budget=bops_budget,
         sensitivity_budget=sensitivity_budget,
     )
-    if sensitivity not in METHODS:
-        raise ValueError(f"unknown sensitivity method {sensitivity!r}; use one of {METHODS}")
+    if isinstance(sensitivity, str):
+        if sensitivity not in METHODS:
+            raise ValueError(f"unknown sensitivity method {sensitivity!r}; use one of {METHODS}")
+    elif not isinstance(sensitivity, SensitivityTable) and not callable(sensitivity):
+        raise ValueError(
+            f"sensitivity must be a method name ({METHODS}), a SensitivityTable or a provider "
+            f"(model, layers, options) -> SensitivityTable, got {type(sensitivity).__name__}"
+        )
+    uses_mqe = isinstance(sensitivity, str) and sensitivity in MQE_METHODS
     if synthetic not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic input kind {synthetic!r}; use one of {SYNTHETIC_KINDS}")
     if int(num_samples) < 1:
@@ -182,22 +227,24 @@ def search(
     timings["costs"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    inputs = synthetic_inputs(
-        model,
-        example_inputs,
-        kind=synthetic,
-        num_samples=int(num_samples),
-        seed=seed,
-        steps=distill_steps,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
-    timings["synthetic"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    scores = mqe_sensitivity(
-        model, inputs, trace.layers, option_names, method=sensitivity, seed=seed, progress=progress
-    )
+    if uses_mqe:
+        inputs = synthetic_inputs(
+            model,
+            example_inputs,
+            kind=synthetic,
+            num_samples=int(num_samples),
+            seed=seed,
+            steps=distill_steps,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        timings["synthetic"] = time.perf_counter() - started
+        started = time.perf_counter()
+        scores = mqe_sensitivity(
+            model, inputs, trace.layers, option_names, method=str(sensitivity), seed=seed, progress=progress
+        )
+    else:
+        scores = _baseline_scores(sensitivity, model, trace.layers, option_names, seed=seed, progress=progress)
     timings["sensitivity"] = time.perf_counter() - started
 
     budget_from = budgets.get("sensitivity_budget") if isinstance(budgets.get("sensitivity_budget"), str) else None
@@ -243,8 +290,8 @@ def search(
         timings_s=timings,
         skipped_layers=dict(trace.skipped),
         sensitivity_method=scores.method,
-        synthetic=synthetic,
-        num_samples=int(num_samples),
+        synthetic=synthetic if uses_mqe else None,
+        num_samples=int(num_samples) if uses_mqe else None,
         seed=seed,
         cost_source=costs.meta.get("source", ""),
         plan_measured=plan.assignment in measured,

@@ -17,7 +17,7 @@ and each chunk of it is passed to the model as its only argument.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,9 +31,27 @@ from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import QuantLayer
 from ohq_lightning.quant.swap import apply_plan, quantized_layers, strip_plan
 
-__all__ = ["DEFAULT_MASK_FRACTIONS", "METHODS", "kl_divergence", "mqe_sensitivity"]
+__all__ = [
+    "DEFAULT_MASK_FRACTIONS",
+    "METHODS",
+    "MQE_METHODS",
+    "SensitivityProvider",
+    "kl_divergence",
+    "mqe_sensitivity",
+]
 
-METHODS = ("quantize", "random_mask")
+#: MQE's readings of "perturb one layer" (see the module docstring).
+MQE_METHODS = ("quantize", "random_mask")
+
+#: Every sensitivity that :func:`~ohq_lightning.api.search` (and so ``OHQCallback``) computes by name:
+#: MQE's readings, then the data-free baselines of :mod:`ohq_lightning.sensitivity_baselines`
+#: (the Hessian baseline needs real data and a loss: pass its table, or a provider, to ``search``).
+METHODS = (*MQE_METHODS, "weight_error", "random")
+
+#: A sensitivity provider ``search`` can call: ``provider(model, layers, options) -> SensitivityTable``, e.g.
+#: ``lambda model, layers, options: hessian_sensitivity(model, loader, layers, options)``
+#: (:func:`~ohq_lightning.sensitivity_baselines.hessian_sensitivity`, with the data it needs).
+SensitivityProvider = Callable[[nn.Module, Sequence[LayerInfo], Sequence[str]], SensitivityTable]
 
 #: Fraction of weights zeroed by ``"random_mask"`` at each weight bit-width.
 DEFAULT_MASK_FRACTIONS: dict[int, float] = {8: 0.01, 7: 0.02, 6: 0.04, 5: 0.08, 4: 0.15, 3: 0.3, 2: 0.5}
@@ -176,8 +194,8 @@ def mqe_sensitivity(
         >>> table.scores["0"]["w2a8"] >= table.scores["0"]["w8a8"]
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sensitivity method {method!r}; use one of {METHODS}")
+    if method not in MQE_METHODS:
+        raise ValueError(f"unknown MQE method {method!r}; use one of {MQE_METHODS}")
     _check_float_model(model, inputs)
     parsed = parse_options(options)
     fractions = dict(DEFAULT_MASK_FRACTIONS if mask_fractions is None else mask_fractions)
