@@ -30,6 +30,12 @@ def _option_color(name: str) -> str:
     return _BIT_COLORS.get(option.weight_bits or 8, "#8c564b")
 
 
+def _option_order(name: str) -> tuple[bool, int, str]:
+    """Float options first, then integer options from most to fewest weight bits."""
+    option = Option.parse(name)
+    return (not option.is_float, -(option.weight_bits or 0), name)
+
+
 def plot_plan(plan: QuantPlan, path: str | Path, *, title: str | None = None) -> Path:
     """One bar per layer, in forward order: height = the layer's MACs (log scale), colour = its option.
 
@@ -54,10 +60,9 @@ def plot_plan(plan: QuantPlan, path: str | Path, *, title: str | None = None) ->
     bottom.set_ylabel("MQE sensitivity (KL)")
     bottom.set_xticks(list(positions))
     bottom.set_xticklabels(names, rotation=90, fontsize=6)
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=_option_color(option)) for option in sorted(set(options), key=Option.parse)
-    ]
-    top.legend(handles, sorted(set(options), key=Option.parse), title="option", fontsize=8, loc="upper right")
+    legend = sorted(set(options), key=_option_order)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_option_color(option)) for option in legend]
+    top.legend(handles, legend, title="option", fontsize=8, loc="upper right")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(plan.option_counts().items()))
     top.set_title(title or f"OHQ plan ({counts})")
     figure.tight_layout()

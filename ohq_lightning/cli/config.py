@@ -56,6 +56,7 @@ class TrainConfig:
     epochs: int = 3
     lr: float = 0.05
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
 
 
 @dataclass

@@ -98,6 +98,22 @@ def _quiet_lightning() -> None:
                 handler.addFilter(_NoTips())
 
 
+def _hardware_settings(cfg: JobConfig) -> dict[str, Any]:
+    """The hardware config, with the job's progress-bar setting for targets that show one."""
+    from ohq_lightning.hardware import create_target
+
+    settings = dict(cfg.hardware)
+    if "progress" in settings or not isinstance(settings.get("name"), str):
+        return settings  # a missing name is reported by the callback
+    with_progress = {**settings, "progress": cfg.trainer.progress_bar}
+    name = with_progress.pop("name")
+    try:
+        create_target(name, **with_progress)
+    except (TypeError, ValueError):  # no progress setting (or bad settings: the callback reports those)
+        return settings
+    return {"name": name, **with_progress}
+
+
 def _runtime(cfg: JobConfig) -> str:
     return cfg.eval.runtime or str(cfg.hardware.get("runtime") or "onnxruntime")
 
@@ -139,7 +155,13 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
     network = build_model(
         cfg.model.name, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained
     )
-    float_module = Classifier(network, lr=cfg.train.lr, epochs=cfg.train.epochs, weight_decay=cfg.train.weight_decay)
+    float_module = Classifier(
+        network,
+        lr=cfg.train.lr,
+        epochs=cfg.train.epochs,
+        weight_decay=cfg.train.weight_decay,
+        optimizer=cfg.train.optimizer,
+    )
     trained_here = cfg.model.checkpoint is None and cfg.train.epochs > 0
     if trained_here:
         _log.info("training the float model for %d epochs on %s", cfg.train.epochs, data.name)
@@ -152,7 +174,7 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
     started = time.perf_counter()
     finetune = cfg.ohq.qat_epochs > 0
     callback = OHQCallback(
-        hardware=dict(cfg.hardware),
+        hardware=_hardware_settings(cfg),
         options=cfg.ohq.options,
         sensitivity=cfg.ohq.sensitivity,
         synthetic=cfg.ohq.synthetic,
@@ -165,7 +187,13 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
         progress=cfg.trainer.progress_bar,
         **objective(cfg.ohq),
     )
-    qat_module = Classifier(copy.deepcopy(float_module.model), lr=cfg.ohq.qat_lr, epochs=max(cfg.ohq.qat_epochs, 1))
+    qat_module = Classifier(
+        copy.deepcopy(float_module.model),
+        lr=cfg.ohq.qat_lr,
+        epochs=max(cfg.ohq.qat_epochs, 1),
+        weight_decay=cfg.train.weight_decay,
+        optimizer=cfg.train.optimizer,
+    )
     qat_module.train()
     _trainer(cfg, root, "qat", max(cfg.ohq.qat_epochs, 1), [callback]).fit(qat_module, data.train_loader())
     plan = callback.plan
