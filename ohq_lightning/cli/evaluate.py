@@ -17,9 +17,7 @@ from ohq_lightning.plan import LayerInfo, Option, QuantPlan
 from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant import quantized_layers, strip_plan
 
-__all__ = ["RUNTIMES", "deployed_accuracy", "evaluate_plan", "model_size_bytes", "torch_accuracy"]
-
-RUNTIMES = ("onnxruntime",)
+__all__ = ["deployed_accuracy", "evaluate_plan", "model_size_bytes", "torch_accuracy"]
 
 
 def model_size_bytes(model: nn.Module, layers: Sequence[LayerInfo], assignment: Mapping[str, str]) -> int:
@@ -68,14 +66,6 @@ def deployed_accuracy(
     return float(metric.compute())
 
 
-def _deploy(runtime: str, model: nn.Module, assignment: Mapping[str, str], example: torch.Tensor, **kwargs: Any) -> Any:
-    if runtime == "onnxruntime":
-        from ohq_lightning.deploy import convert
-
-        return convert(model, dict(assignment), example, **kwargs)
-    raise ValueError(f"unknown deployment runtime {runtime!r}; available: {list(RUNTIMES)}")
-
-
 def evaluate_plan(
     float_model: nn.Module,
     quantized_model: nn.Module,
@@ -104,9 +94,10 @@ def evaluate_plan(
         ``size_bytes``, ``latency_ms`` (measured median), ``latency_spread`` and ``predicted_latency_ms``;
         ``ohq`` also has ``fake_quant_accuracy`` (the fine-tuned model in PyTorch).
     """
+    from ohq_lightning.deploy import RUNTIMES, deploy_plan, measure_latency
+
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown deployment runtime {runtime!r}; available: {list(RUNTIMES)}")
-    from ohq_lightning.deploy import measure_latency
 
     layers = trace_layers(float_model, example).layers
     names = [layer.name for layer in layers]
@@ -117,9 +108,9 @@ def evaluate_plan(
     }
     common = {"calibration_inputs": list(calibration), "threads": threads}
     deployed = {
-        "fp32": _deploy(runtime, float_model, assignments["fp32"], example, **common),
-        "int8": _deploy(runtime, float_model, assignments["int8"], example, **common),
-        "ohq": _deploy(runtime, quantized_model, assignments["ohq"], example, **common),
+        "fp32": deploy_plan(float_model, assignments["fp32"], example, runtime=runtime, **common),
+        "int8": deploy_plan(float_model, assignments["int8"], example, runtime=runtime, **common),
+        "ohq": deploy_plan(quantized_model, assignments["ohq"], example, runtime=runtime, **common),
     }
     timings = measure_latency(list(deployed.values()), example, settings=timing, rounds=rounds)
     uniform = plan.meta.get("uniform") or {}

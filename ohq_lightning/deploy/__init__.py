@@ -1,4 +1,4 @@
-"""From a plan to real low-precision kernels: ONNX QDQ export for ONNX Runtime."""
+"""From a plan to real low-precision kernels: ONNX Runtime (QDQ graphs) and torch (FX int8), measured end to end."""
 
 from ohq_lightning.deploy.onnx_qdq import (
     ActivationRange,
@@ -12,8 +12,10 @@ from ohq_lightning.deploy.onnx_qdq import (
     quantize_weight_per_channel,
 )
 from ohq_lightning.deploy.ort import DeployedModel, SupportsRunner, convert, learned_grids, measure_latency, uniform
+from ohq_lightning.deploy.runtimes import RUNTIMES, deploy_plan, deploy_uniform
 
 __all__ = [
+    "RUNTIMES",
     "ActivationRange",
     "DeployedModel",
     "FixedQuantization",
@@ -21,6 +23,8 @@ __all__ = [
     "SupportsRunner",
     "activation_ranges",
     "convert",
+    "deploy_plan",
+    "deploy_uniform",
     "export_onnx",
     "input_qparams",
     "layer_nodes",
