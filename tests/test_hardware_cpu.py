@@ -67,6 +67,9 @@ def test_search_on_the_cpu_target_meets_a_latency_budget(traced, tmp_path):
         ({"options": ("fp32", "bf16")}, "cannot run in ONNX Runtime"),
         ({"options": ("w8a4",)}, "cannot run in ONNX Runtime"),
         ({"runtime": "tvm"}, "unknown runtime"),
+        ({"runtime": "torch", "options": ("fp32", "bf16")}, "cannot run in torch"),
+        ({"runtime": "torch", "engine": "tpu"}, "unknown torch quantized engine"),
+        ({"engine": "qnnpack"}, "torch runtime only"),
         ({"threads": 0}, "threads"),
         ({"samples_per_layer": 1}, "samples_per_layer"),
     ],
@@ -113,3 +116,68 @@ def test_measure_also_adds_the_plans_to_the_fit(traced, tmp_path):
     table = target.costs(layers, model=model, example_inputs=example, measure_also=[odd])
     fit = table.meta["fit"]
     assert fit["samples"] in (base, base + 1) and fit["measured_now"] == fit["samples"] - base
+
+
+# --- the torch runtime (torch's x86/fbgemm int8 kernels through FX) ----------------------------
+
+
+def torch_target(cache_dir, **kwargs) -> CPUTarget:
+    return CPUTarget(runtime="torch", samples_per_layer=2, timing=QUICK, cache_dir=cache_dir, progress=False, **kwargs)
+
+
+def test_the_torch_runtime_measures_in_context_and_fits_a_cost_table(traced, tmp_path):
+    model, example, layers = traced
+    table = torch_target(tmp_path).costs(layers, model=model, example_inputs=example)
+    assert table.target == "cpu" and table.options == ["fp32", "w8a8", "w4a8", "w2a8"]
+    assert table.base_latency_ms > 0 and set(table.transition_ms) == {layer.name for layer in layers[:-1]}
+    assert all(value >= 0 for value in table.transition_ms.values())
+    for layer in layers:
+        row = table.costs[layer.name]
+        assert {cost.source for cost in row.values()} == {"measured"}
+        assert row["fp32"].latency_ms == 0.0 and row["w8a8"].latency_ms == row["w2a8"].latency_ms
+    meta = table.meta
+    assert meta["runtime"] == "torch" and meta["engine"] == "x86" and meta["runtime_version"].startswith("torch-")
+    assert "BatchNorm folded" in meta["reference"]
+    fit = meta["fit"]
+    assert fit["measured_now"] == fit["samples"] > fit["unknowns"] / 2 and fit["fp32_ms"] > 0 and fit["int8_ms"] > 0
+
+
+def test_the_torch_runtime_reads_its_own_cache_on_a_second_profile(traced, tmp_path):
+    model, example, layers = traced
+    target = torch_target(tmp_path)
+    cold = target.costs(layers, model=model, example_inputs=example)
+    warm = target.costs(layers, model=model, example_inputs=example)
+    assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
+    assert warm.base_latency_ms == cold.base_latency_ms
+    # the fingerprint names the runtime and its engine: other runtimes and engines keep their own files
+    ort = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    files = {
+        cold.meta["cache_file"],
+        ort.costs(layers, model=model, example_inputs=example).meta["cache_file"],
+        torch_target(tmp_path, engine="qnnpack").costs(layers, model=model, example_inputs=example).meta["cache_file"],
+    }
+    assert len(files) == 3
+
+
+def test_the_arm_config_builds_a_qnnpack_torch_target():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).parents[1] / "conf" / "hardware" / "cpu_arm.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    target = create_target(config.pop("name"), **config)
+    assert isinstance(target, CPUTarget) and (target.runtime, target.engine) == ("torch", "qnnpack")
+
+
+def test_search_on_the_torch_runtime_meets_a_latency_budget(traced, tmp_path):
+    model, example, _ = traced
+    target = torch_target(tmp_path)
+    loose = ohq.search(
+        model, example, target=target, compression_ratio=1.0, num_samples=4, distill_steps=2, progress=False
+    )
+    budget = loose.predicted["latency_ms"] * 1.5
+    plan = ohq.search(
+        model, example, target=target, latency_budget=budget, num_samples=4, distill_steps=2, progress=False
+    )
+    assert plan.predicted["latency_ms"] <= budget * (1 + 1e-9) and plan.target == "cpu"

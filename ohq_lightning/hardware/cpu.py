@@ -1,5 +1,11 @@
 """The measured CPU target: each layer's cost on this device, in the runtime that will deploy it.
 
+Two runtimes: ``"onnxruntime"`` (the default; u8s8 QDQ graphs on ORT's int8 kernels, see
+:mod:`ohq_lightning.deploy.onnx_qdq`) and ``"torch"`` (torch's own int8 kernels through FX graph
+mode quantization, engine ``x86`` or ``qnnpack`` on ARM, see :mod:`ohq_lightning.deploy.torch_int8`).
+Both are measured by the same method below; only how a set of integer layers becomes a runnable
+graph differs (a small per-runtime seam).
+
 Timing one layer on its own does not predict a network's latency here: in ONNX Runtime the
 sum of isolated FP32 layer timings came to 1.1-1.2x the whole FP32 graph and the INT8 sum to
 0.65-0.8x the whole INT8 graph (``bench/ort_layer_precision.py``), because a deployed graph keeps
@@ -8,8 +14,10 @@ quantize/dequantize where the precision changes. So this target measures **in co
 deploys the real network with a set of layers on ORT's integer kernels (the QDQ graph of
 :mod:`ohq_lightning.deploy.onnx_qdq`), times it end to end alternately with the all-FP32 graph
 (so that the ratio between them survives the drift of a shared machine), and repeats for the
-all-INT8 graph and random mixes. It then fits an additive model to those measurements by
-least squares::
+all-INT8 graph and random mixes. (In the torch runtime the FP32 reference is the float FX graph
+with BatchNorm folded into the convolutions, the graph every torch mix keeps its float layers in;
+the eager model with separate BatchNorms was 5-20% slower at 1 thread.) It then fits an additive
+model to those measurements by least squares::
 
     latency(plan) = base + sum(kappa[l] for integer layers l) + sum(T[i] for boundaries i that change precision)
 
@@ -20,6 +28,10 @@ FP32, whose entry is 0), ``T`` its ``transition_ms``. The fit's residuals and a 
 are recorded in the table's ``meta["fit"]``. Measurements are cached per device configuration and
 network architecture, so a second search of the same model does not measure again; an interrupted
 profile resumes from what was saved.
+
+In the torch runtime the graphs of all mixes are built from one traced, fused and calibrated graph
+(:class:`~ohq_lightning.deploy.torch_int8.TorchInt8Builder`): each mix only inserts observers whose
+ranges were recorded once, and converts.
 
 Sub-8-bit weight options (``w4a8``, ``w2a8``) run on the 8-bit kernel (their weights sit on a
 coarser grid inside int8): their latency is the measured int8 latency and their size the packed
@@ -34,7 +46,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,22 +62,39 @@ from ohq_lightning.progress import progress_bar
 __all__ = ["CPU_OPTIONS", "RUNTIMES", "CPUTarget"]
 
 CPU_OPTIONS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w2a8")
-RUNTIMES = ("onnxruntime",)
+RUNTIMES = ("onnxruntime", "torch")
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch": "torch"}
 _P_INTEGER = (0.2, 0.5, 0.8)
 _METHOD = "in-context-qdq-v2-ratio-to-fp32"
 _REFERENCE = "reference:fp32_ms"  # bump when what a sample measures changes, so old caches are not reused
 
 
-def _kernel(option: Option) -> str:
-    """The ORT kernel an option runs on: ``"int8"`` or ``"fp32"``; other options are refused."""
+def _kernel(option: Option, runtime: str = "onnxruntime") -> str:
+    """The kernel an option runs on in ``runtime``: ``"int8"`` or ``"fp32"``; other options are refused."""
     if option.float_format == "fp32" or (not option.is_float and option.act_bits is None):
         return "fp32"  # weight-only options are dequantized once at load: float compute
     if not option.is_float and option.act_bits == 8:
         return "int8"
     raise ValueError(
-        f"option {option.name!r} cannot run in ONNX Runtime on this CPU: it offers fp32 and integer options "
-        "with 8-bit activations (w8a8, w4a8, w2a8; sub-8-bit weights run on the 8-bit kernel)"
+        f"option {option.name!r} cannot run in {_RUNTIME_NAMES.get(runtime, runtime)} on this CPU: it offers fp32 "
+        "and integer options with 8-bit activations (w8a8, w4a8, w2a8; sub-8-bit weights run on the 8-bit kernel)"
     )
+
+
+@dataclass(frozen=True)
+class _Deployment:
+    """The per-runtime seam: what the measurement loop needs from a runtime.
+
+    ``build(bits)`` returns a zero-argument runner of the network with the layers whose bit is
+    ``"1"`` on integer kernels; ``reference`` runs the all-FP32 deployment; ``graph_key`` hashes the
+    architecture and ``version`` names the runtime (and engine) for the cache fingerprint.
+    """
+
+    graph_key: str
+    version: str
+    reference: Callable[[], Any]
+    build: Callable[[str], Callable[[], Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _graph_key(graph: Any) -> str:
@@ -85,8 +114,13 @@ class CPUTarget:
     """Costs measured on this CPU, in context, in the runtime that will deploy the model.
 
     Args:
-        runtime: ``"onnxruntime"`` (the default deployment runtime; u8s8 QDQ on its int8 kernels).
-        threads: intra-op threads of every session (1 gives the most repeatable figures).
+        runtime: ``"onnxruntime"`` (the default deployment runtime; u8s8 QDQ on its int8 kernels) or
+            ``"torch"`` (torch's int8 kernels through FX graph mode quantization; FP32 reference: the
+            float FX graph with BatchNorm folded).
+        threads: intra-op threads of every session (1 gives the most repeatable figures); in the
+            torch runtime they are torch's process-wide threads, set once per process.
+        engine: torch's quantized engine for the torch runtime: ``"x86"`` (default; fbgemm/oneDNN),
+            ``"fbgemm"``, ``"onednn"``, or ``"qnnpack"`` (ARM boards). Only the torch runtime has one.
         options: candidate options (fp32 and integer options with 8-bit activations).
         samples_per_layer: mixed plans measured per layer for the fit (more: slower, better fit).
         timing: how long to time each deployed graph.
@@ -106,6 +140,7 @@ class CPUTarget:
     measures_plans: ClassVar[bool] = True
     runtime: str = "onnxruntime"
     threads: int = 1
+    engine: str = "x86"
     options: tuple[str, ...] = CPU_OPTIONS
     samples_per_layer: float = 3.0
     timing: TimingSettings = field(
@@ -120,20 +155,21 @@ class CPUTarget:
         if isinstance(self.timing, Mapping):  # from a config file
             object.__setattr__(self, "timing", TimingSettings(**self.timing))
         if self.runtime not in RUNTIMES:
-            raise ValueError(
-                f"unknown runtime {self.runtime!r} for the cpu target; available: {list(RUNTIMES)} "
-                "(the torch runtime is not implemented yet)"
-            )
+            raise ValueError(f"unknown runtime {self.runtime!r} for the cpu target; available: {list(RUNTIMES)}")
+        from ohq_lightning.deploy.torch_int8 import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown torch quantized engine {self.engine!r}; available: {list(ENGINES)}")
+        if self.runtime != "torch" and self.engine != "x86":
+            raise ValueError(f"engine={self.engine!r} applies to the torch runtime only (runtime={self.runtime!r})")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not self.samples_per_layer > 1:
             raise ValueError("samples_per_layer must be above 1 (the fit needs more samples than unknowns / 2)")
         for option in parse_options(self.options):
-            _kernel(option)
+            _kernel(option, self.runtime)
 
-    def _cache(self, graph_key: str) -> TimingCache:
-        import onnxruntime
-
+    def _cache(self, deployment: _Deployment) -> TimingCache:
         from ohq_lightning.synthetic import cache_root
 
         root = cache_root(self.cache_dir)
@@ -141,9 +177,9 @@ class CPUTarget:
         fingerprint = {
             "method": _METHOD,
             "cpu": cpu_model_name(),
-            "runtime": f"onnxruntime-{onnxruntime.__version__}",
+            "runtime": deployment.version,
             "threads": self.threads,
-            "graph": graph_key,
+            "graph": deployment.graph_key,
             "timing": self.timing.to_dict(),
         }
         return TimingCache(directory, fingerprint)
@@ -174,7 +210,7 @@ class CPUTarget:
         the plans a search picked, so that the predictions of those very plans rest on a measurement.
         """
         parsed = parse_options(self.options if options is None else options)
-        kernels = {option.name: _kernel(option) for option in parsed}
+        kernels = {option.name: _kernel(option, self.runtime) for option in parsed}
         if model is None or example_inputs is None:
             raise ValueError(
                 "the cpu target measures the network in context: pass model= and example_inputs= "
@@ -183,33 +219,22 @@ class CPUTarget:
         if not isinstance(example_inputs, torch.Tensor):
             kind = type(example_inputs).__name__
             raise ValueError(f"the cpu target deploys models called with one input tensor; got a {kind}")
-        from ohq_lightning.deploy.onnx_qdq import QDQBuilder, activation_ranges, export_onnx, layer_nodes
-        from ohq_lightning.hardware.ort_ops import ort_session
-        from ohq_lightning.synthetic import gaussian_inputs
-
         started = time.perf_counter()
         names = [layer.name for layer in layers]
-        graph = export_onnx(model, example_inputs)
-        missing = sorted(set(names) - set(layer_nodes(graph, names)))
-        if missing:
-            raise ValueError(f"layers {missing} have no node in the exported ONNX graph; they cannot be measured")
-        ranges = activation_ranges(graph, names, [gaussian_inputs(example_inputs, 2, seed=self.seed)])
-        cache = self._cache(_graph_key(graph))
-        feed = {"x": np.asarray(example_inputs.detach().cpu().numpy(), dtype=np.float32)}
+        prepare = self._torch_deployment if self.runtime == "torch" else self._onnxruntime_deployment
+        deployment = prepare(model, example_inputs, names)
+        cache = self._cache(deployment)
         samples = self._samples(len(names))
         for assignment in measure_also:
-            bits = "".join("1" if _kernel(Option.parse(assignment[name])) == "int8" else "0" for name in names)
+            bits = "".join(
+                "1" if _kernel(Option.parse(assignment[name]), self.runtime) == "int8" else "0" for name in names
+            )
             if bits not in samples:
                 samples.append(bits)
         todo = [bits for bits in samples if self.force or cache.get(bits) is None]
-        reference = ort_session(graph.SerializeToString(), self.threads)
-        run_reference = functools.partial(reference.run, None, feed)
-        builder = QDQBuilder(graph, ranges)
         reference_ms: list[float] = []
         for done, bits in enumerate(progress_bar(todo, desc="OQA: timing deployed graphs", enabled=self.progress)):
-            chosen = {name: "w8a8" for name, bit in zip(names, bits, strict=True) if bit == "1"}
-            session = ort_session(builder.build(chosen).SerializeToString(), self.threads)
-            timed, ref = time_interleaved([lambda s=session: s.run(None, feed), run_reference], self.timing)
+            timed, ref = time_interleaved([deployment.build(bits), deployment.reference], self.timing)
             reference_ms.append(ref.median_ms)
             # Each entry is the ratio to the FP32 graph timed alternately with it: drift of a shared
             # machine cancels out.
@@ -252,6 +277,8 @@ class CPUTarget:
             meta={
                 "source": "measured",
                 "runtime": self.runtime,
+                "runtime_version": deployment.version,
+                **deployment.meta,
                 "threads": self.threads,
                 "cpu": cpu_model_name(),
                 "kernel_of_option": kernels,
@@ -262,6 +289,65 @@ class CPUTarget:
                 "profile_s": time.perf_counter() - started,
                 "cache_file": None if cache.path is None else str(cache.path),
             },
+        )
+
+    def _onnxruntime_deployment(self, model: Any, example_inputs: torch.Tensor, names: list[str]) -> _Deployment:
+        """ONNX Runtime: the exported float graph, and QDQ variants of it on ORT's int8 kernels."""
+        import onnxruntime
+
+        from ohq_lightning.deploy.onnx_qdq import QDQBuilder, activation_ranges, export_onnx, layer_nodes
+        from ohq_lightning.hardware.ort_ops import ort_session
+        from ohq_lightning.synthetic import gaussian_inputs
+
+        graph = export_onnx(model, example_inputs)
+        missing = sorted(set(names) - set(layer_nodes(graph, names)))
+        if missing:
+            raise ValueError(f"layers {missing} have no node in the exported ONNX graph; they cannot be measured")
+        ranges = activation_ranges(graph, names, [gaussian_inputs(example_inputs, 2, seed=self.seed)])
+        feed = {"x": np.asarray(example_inputs.detach().cpu().numpy(), dtype=np.float32)}
+        reference = ort_session(graph.SerializeToString(), self.threads)
+        builder = QDQBuilder(graph, ranges)
+
+        def build(bits: str) -> Callable[[], Any]:
+            chosen = {name: "w8a8" for name, bit in zip(names, bits, strict=True) if bit == "1"}
+            session = ort_session(builder.build(chosen).SerializeToString(), self.threads)
+            return functools.partial(session.run, None, feed)
+
+        return _Deployment(
+            _graph_key(graph),
+            f"onnxruntime-{onnxruntime.__version__}",
+            functools.partial(reference.run, None, feed),
+            build,
+            {"reference": "the float ONNX graph"},
+        )
+
+    def _torch_deployment(self, model: Any, example_inputs: torch.Tensor, names: list[str]) -> _Deployment:
+        """torch: one traced, fused, calibrated FX graph; each mix is converted from it for the engine."""
+        from ohq_lightning.deploy.torch_int8 import TorchDeployedModel, TorchInt8Builder
+        from ohq_lightning.hardware.timing import set_threads
+        from ohq_lightning.synthetic import gaussian_inputs
+
+        set_threads(self.threads)
+        builder = TorchInt8Builder(
+            model,
+            example_inputs,
+            calibration_inputs=[gaussian_inputs(example_inputs, 2, seed=self.seed)],
+            engine=self.engine,
+        )
+        missing = sorted(set(names) - set(builder.layer_names))
+        if missing:
+            raise ValueError(f"layers {missing} are not quantizable layers of the model; they cannot be measured")
+
+        def deployed(bits: str) -> TorchDeployedModel:
+            assignment = {name: "w8a8" if bit == "1" else "fp32" for name, bit in zip(names, bits, strict=True)}
+            return TorchDeployedModel(assignment, builder.build(assignment), self.threads, engine=self.engine)
+
+        return _Deployment(
+            builder.architecture_key(),
+            f"torch-{torch.__version__}-{self.engine}",
+            deployed("0" * len(names)).runner(example_inputs),
+            lambda bits: deployed(bits).runner(example_inputs),
+            {"engine": self.engine, "reference": "the float FX graph, BatchNorm folded"},
         )
 
 
