@@ -1,4 +1,8 @@
-"""Find the quantizable layers of a model and trace their shapes with one forward pass."""
+"""Find the quantizable layers of a model and trace their shapes with one forward pass.
+
+Also the helpers every stage uses to read a layer's weight, pruned (:mod:`torch.nn.utils.prune`) or
+not: :func:`is_weight_pruned`, :func:`weight_parameter` and :func:`float_weight`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from ohq_lightning.plan import LayerInfo
 
-__all__ = ["LayerTrace", "preserved_state", "quantizable_types", "run_model", "trace_layers"]
+__all__ = [
+    "LayerTrace",
+    "float_weight",
+    "is_weight_pruned",
+    "preserved_state",
+    "quantizable_types",
+    "run_model",
+    "trace_layers",
+    "weight_parameter",
+]
 
 _UNSUPPORTED = (
     nn.Conv1d,
@@ -46,6 +60,53 @@ def quantizable_types() -> tuple[type[nn.Module], ...]:
         if isinstance(module_type, type) and module_type not in types:
             types.append(module_type)
     return tuple(types)
+
+
+def is_weight_pruned(module: nn.Module) -> bool:
+    """Whether :mod:`torch.nn.utils.prune` re-parametrises ``module.weight`` (as Lightning's ``ModelPruning`` does).
+
+    A pruned module holds ``weight_orig`` (the trained :class:`~torch.nn.Parameter`) and
+    ``weight_mask`` (a buffer), and a forward pre-hook sets ``module.weight = weight_orig * weight_mask``
+    at every call; between calls ``module.weight`` is whatever the last call left there.
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> conv = torch.nn.Conv2d(3, 4, 3)
+        >>> _ = prune.l1_unstructured(conv, "weight", amount=0.5)
+        >>> is_weight_pruned(conv)
+        True
+    """
+    if "weight_orig" not in module._parameters or "weight_mask" not in module._buffers:
+        return False
+    return any(
+        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight"
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
+def weight_parameter(module: nn.Module) -> nn.Parameter | None:
+    """The :class:`~torch.nn.Parameter` behind ``module``'s weight: ``weight_orig`` when pruned, else ``weight``.
+
+    It has the weight's shape; editing it in place changes what the next forward computes (a pruned
+    module's ``weight`` attribute is recomputed from it at every call). None when the weight is no
+    parameter at all (e.g. a plain tensor attribute).
+    """
+    if is_weight_pruned(module):
+        return module.weight_orig
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight ``module`` computes with now: ``weight_orig * weight_mask`` when pruned, else ``weight``.
+
+    Computed afresh from the parameter (never the value a pruned module's last call left behind),
+    so gradients reach ``weight_orig``.
+    """
+    if is_weight_pruned(module):
+        orig = module.weight_orig
+        return module.weight_mask.to(dtype=orig.dtype) * orig
+    return module.weight
 
 
 def run_model(model: nn.Module, inputs: ExampleInputs) -> Any:
@@ -107,8 +168,7 @@ class _Record:
     order: int = 0
 
 
-def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    weight = module.weight
+def _macs(module: nn.Module, weight: torch.Tensor, out: torch.Tensor) -> int:
     if isinstance(module, nn.Conv2d):
         per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]  # in_channels/groups * kh * kw
         return out.numel() * per_output
@@ -146,8 +206,10 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
     called more than once in a forward is one layer (one precision) whose MACs add up over its
     calls. Layers the project cannot quantize (other conv types, unknown subclasses of
     ``nn.Conv2d``/``nn.Linear``, weights shared between modules, layers the forward never
-    reaches) are listed in ``skipped`` with the reason and stay float. The model is run in eval
-    mode without gradients and is left exactly as it was.
+    reaches) are listed in ``skipped`` with the reason and stay float. Layers pruned with
+    :mod:`torch.nn.utils.prune` are quantizable like any other: their parameter is ``weight_orig``
+    (see :func:`weight_parameter`), with the same shape and MACs. The model is run in eval mode
+    without gradients and is left exactly as it was.
 
     Raises:
         ValueError: if the example input does not run, or the model has no quantizable layer.
@@ -160,12 +222,13 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
     """
     supported = quantizable_types()
     candidates: dict[str, nn.Module] = {}
+    weights: dict[str, nn.Parameter] = {}
     skipped: dict[str, str] = {}
     weight_owner: dict[int, str] = {}
     for name, module in model.named_modules():
         if type(module) in supported:
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, nn.Parameter):
+            weight = weight_parameter(module)
+            if weight is None:
                 skipped[name] = "weight is not a Parameter"
                 continue
             if id(weight) in weight_owner:
@@ -173,6 +236,7 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
                 continue
             weight_owner[id(weight)] = name
             candidates[name] = module
+            weights[name] = weight
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             skipped[name] = f"{type(module).__name__} subclasses {_base_name(module)} with its own forward"
         elif isinstance(module, _UNSUPPORTED):
@@ -193,7 +257,7 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
                     _per_sample(inp.shape, batch), _per_sample(out.shape, batch), order=len(records)
                 )
             record.calls += 1
-            record.macs += _macs(module, inp, out) // max(batch, 1)
+            record.macs += _macs(module, weights[name], out) // max(batch, 1)
             record.nonnegative = record.nonnegative and bool(inp.numel() == 0 or inp.min() >= 0)
 
         return hook
@@ -224,8 +288,8 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
                 kind=_kind(module),
                 in_shape=record.in_shape,
                 out_shape=record.out_shape,
-                weight_shape=list(module.weight.shape),
-                weight_numel=module.weight.numel(),
+                weight_shape=list(weights[name].shape),
+                weight_numel=weights[name].numel(),
                 bias_numel=bias.numel() if isinstance(bias, torch.Tensor) else 0,
                 macs=int(record.macs),
                 calls=record.calls,

@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "UNSUPPORTED",
     "CostTable",
     "LayerCost",
     "LayerInfo",
@@ -42,6 +43,13 @@ MIN_BITS = 2
 MAX_BITS = 8
 _FLOAT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
 _OPTION_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
+
+UNSUPPORTED = "unsupported"
+"""The :attr:`LayerCost.source` of an entry the target cannot run (no kernel for that layer at that option).
+
+Such an entry keeps its ``weight_bytes`` and ``bops`` but has no ``latency_ms`` / ``energy_mj``; the
+target says why in ``CostTable.meta["unsupported"][layer][option]``. The solver never picks it.
+"""
 
 
 @dataclass(frozen=True)
@@ -204,13 +212,22 @@ class LayerInfo(_JsonMixin):
 
 @dataclass
 class LayerCost(_JsonMixin):
-    """Cost of one layer at one option; ``source`` says where the numbers came from."""
+    """Cost of one layer at one option; ``source`` says where the numbers came from.
+
+    ``source`` is e.g. ``"analytical"``, ``"measured"``, ``"table"``, or :data:`UNSUPPORTED` when the
+    target cannot run the layer at that option (see :attr:`supported`).
+    """
 
     weight_bytes: float
     bops: float
     latency_ms: float | None = None
     energy_mj: float | None = None
     source: str = "analytical"
+
+    @property
+    def supported(self) -> bool:
+        """False when the target cannot run the layer at this option (``source == UNSUPPORTED``)."""
+        return self.source != UNSUPPORTED
 
 
 @dataclass
@@ -261,15 +278,32 @@ class CostTable(_JsonMixin):
         pairs = zip(names, integer, integer[1:], strict=False)
         return total + sum(self.transition_ms.get(name, 0.0) for name, here, after in pairs if here != after)
 
-    def has_metric(self, metric: str, options: Sequence[str] | None = None) -> bool:
-        """True when every entry (at ``options``, default all) has a value for ``metric`` (``latency_ms``...)."""
+    def has_metric(self, metric: str, options: Sequence[str] | None = None, *, skip_unsupported: bool = False) -> bool:
+        """True when every entry (at ``options``, default all) has a value for ``metric`` (``latency_ms``...).
+
+        With ``skip_unsupported`` the entries the target cannot run (:attr:`LayerCost.supported` False)
+        are left out of the check: what a plan that never picks them needs. Without it they count, so
+        e.g. a uniform plan at an option some layer cannot run has no latency.
+        """
         wanted = None if options is None else set(options)
         return all(
             getattr(cost, metric) is not None
             for row in self.costs.values()
             for option, cost in row.items()
-            if wanted is None or option in wanted
+            if (wanted is None or option in wanted) and (cost.supported or not skip_unsupported)
         )
+
+    def is_supported(self, layer: str, option: str) -> bool:
+        """Whether the target can run ``layer`` at ``option`` (see :data:`UNSUPPORTED`)."""
+        return self.costs[layer][option].supported
+
+    def unsupported_reason(self, layer: str, option: str) -> str | None:
+        """Why the target cannot run ``layer`` at ``option`` (from ``meta["unsupported"]``), or None when it can."""
+        if self.is_supported(layer, option):
+            return None
+        reasons = self.meta.get("unsupported") if isinstance(self.meta, dict) else None
+        reason = reasons.get(layer, {}).get(option) if isinstance(reasons, dict) else None
+        return str(reason) if reason else "marked unsupported by the target"
 
 
 @dataclass

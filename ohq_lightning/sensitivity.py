@@ -16,15 +16,16 @@ and each chunk of it is passed to the model as its only argument.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ohq_lightning.layers import first_tensor, preserved_state, run_model
+from ohq_lightning.layers import first_tensor, is_weight_pruned, preserved_state, run_model, weight_parameter
 from ohq_lightning.plan import LayerInfo, Option, SensitivityTable, parse_options
 from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
@@ -85,7 +86,11 @@ def _mask_score(
     batch_size: int,
     generator: torch.Generator,
 ) -> float:
-    weight = module.weight
+    # the parameter the forward reads: a pruned module's weight_orig (its forward computes
+    # weight_orig * weight_mask afresh, so editing the weight attribute would change nothing)
+    weight = weight_parameter(module)
+    if weight is None:
+        weight = module.weight
     keep = (torch.rand(weight.shape, generator=generator) >= fraction).to(device=weight.device, dtype=weight.dtype)
     original = weight.detach().clone()
     try:
@@ -93,6 +98,21 @@ def _mask_score(
         return float(kl_divergence(reference, _logits(model, inputs, batch_size)))
     finally:
         weight.data.copy_(original)
+
+
+@contextlib.contextmanager
+def _pruned_weights_kept(model: nn.Module) -> Iterator[None]:
+    """Afterwards, put back the ``weight`` tensor of each pruned module (its pruning hook rewrites it at every call)."""
+    kept = {
+        module: module.__dict__["weight"]
+        for module in model.modules()
+        if is_weight_pruned(module) and "weight" in module.__dict__
+    }
+    try:
+        yield
+    finally:
+        for module, weight in kept.items():
+            module.weight = weight
 
 
 def _input_quantizers(
@@ -208,7 +228,7 @@ def mqe_sensitivity(
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     scores: dict[str, dict[str, float]] = {}
-    with preserved_state(model):
+    with preserved_state(model), _pruned_weights_kept(model):
         reference = _logits(model, inputs, batch_size)
         act_bits = sorted({o.act_bits for o in parsed if o.act_bits is not None}) if method == "quantize" else []
         input_quantizers = _input_quantizers(model, modules, names, act_bits, inputs, batch_size) if act_bits else {}

@@ -25,6 +25,12 @@ runs an integer option; ``z`` enters every latency term of the program.
 
 Layers named together in a tie group take the same option (they share their variables).
 
+Entries the target cannot run (:attr:`LayerCost.supported <ohq_lightning.plan.LayerCost.supported>`
+False, ``source="unsupported"``, e.g. int8 for a depthwise convolution on CUDA) are options that layer
+may not take: the program has no variable for them, they need no latency or energy, and a tie group
+may only take an option every member supports. A layer (or tie group) left with no supported
+candidate is a ``ValueError`` naming it.
+
 When objectives tie (a randomly initialised layer scores exactly zero at every option) the
 solver prefers the option with fewer weight bytes: a tie-break term of about 1e-9 of the objective
 scale goes into the program, and after solving, any layer (or tie group) that can move to an option
@@ -147,11 +153,15 @@ class _Model:
     ``sensitivity``); ``objective`` the objective's levels, most important first. ``switches``
     are the unit pairs with a transition cost between them, ``integer`` says which options are
     integer (empty when there are no switches), ``unit_switches`` the switches of each unit.
+    ``allowed[u][o]`` is False where some member of unit ``u`` cannot run option ``o``: the program
+    has no variable there, and the tables hold the unit's largest allowed value in its place (so
+    row minima and ranges are those of the allowed options).
     """
 
     layers: list[str]
     options: list[str]
     units: list[list[int]]
+    allowed: tuple[tuple[bool, ...], ...]
     objective: tuple[_Linear, ...]
     forms: dict[str, _Linear]
     limits: dict[str, float]
@@ -205,7 +215,8 @@ def solve(
         minimize: ``"sensitivity"`` (default) or ``"latency"``: minimise the predicted latency,
             ties going to the lower total sensitivity; needs latency and at least one budget.
         options: the candidate options (default: ``costs.options``); a subset of ``costs.options``
-            and of every layer's sensitivity row.
+            and of every layer's sensitivity row (a score may be missing where the target cannot run
+            the layer at that option). Entries the target marks unsupported are never chosen.
         time_limit_s: CBC time limit per solve (``None``: no limit). When CBC stops on time with a
             solution that it has not proven optimal, that plan is returned with status ``"Feasible"``
             and a :class:`RuntimeWarning`.
@@ -216,7 +227,8 @@ def solve(
         ``transition_after_ms``) when the cost table has such terms.
 
     Raises:
-        ValueError: bad input (unknown option or layer, missing metric, non-positive budget...).
+        ValueError: bad input (unknown option or layer, missing metric, non-positive budget, a layer or
+            tie group with no supported option among the candidates...).
         InfeasibleBudgetError: no assignment meets the budgets.
         RuntimeError: the solver failed otherwise (e.g. stopped on time without a solution).
     """
@@ -290,6 +302,7 @@ def pareto_sweep(
     (:class:`InfeasibleBudgetError`) are skipped, so the result may be shorter than ``values``;
     each plan records its point in ``plan.meta["sweep"] = {"budget", "value", "index"}`` (``index``
     into ``values``) and, as always, in ``plan.budgets``. Bad input still raises ``ValueError``.
+    Like :func:`solve`, no plan picks an entry the target marks unsupported.
     """
     if budget not in SWEEP_BUDGETS:
         raise ValueError(f"unknown budget {budget!r}: use one of {sorted(SWEEP_BUDGETS)}")
@@ -381,10 +394,10 @@ def _needed_metrics(
     if minimize == "latency":
         wanted.setdefault("latency_ms", "minimize='latency'")
     for metric, why in wanted.items():
-        if not costs.has_metric(metric, names):
+        if not costs.has_metric(metric, names, skip_unsupported=True):
             raise ValueError(
                 f"{why} needs {metric!r}, but the target {costs.target!r} gives no such metric "
-                "(its cost table lacks it for some layer/option)"
+                "(its cost table lacks it for some supported layer/option)"
             )
     return needed | set(wanted)
 
@@ -392,7 +405,8 @@ def _needed_metrics(
 def _resolve_options(sensitivity: SensitivityTable, costs: CostTable, options: Sequence[str] | None) -> list[str]:
     """The candidate options: ``options`` or ``costs.options``, checked against both tables.
 
-    Every layer of ``costs`` must already have a sensitivity row (see :func:`_check_layers`).
+    Every layer of ``costs`` must already have a sensitivity row (see :func:`_check_layers`); a score
+    may be missing only where the target cannot run the layer at that option.
     """
     names = list(costs.options) if options is None else [options] if isinstance(options, str) else list(options)
     if not names:
@@ -407,7 +421,8 @@ def _resolve_options(sensitivity: SensitivityTable, costs: CostTable, options: S
         missing = [name for name in names if name not in costs.costs[layer]]
         if missing:
             raise ValueError(f"cost table has no entry for layer {layer!r} at options {missing}")
-        missing = [name for name in names if name not in sensitivity.scores[layer]]
+        row = costs.costs[layer]
+        missing = [name for name in names if name not in sensitivity.scores[layer] and row[name].supported]
         if missing:
             raise ValueError(f"sensitivity table has no score for layer {layer!r} at options {missing}")
     return names
@@ -518,17 +533,26 @@ def _build_model(
     needed = _needed_metrics(costs, names, budgets, cost_weight, cost_metric, minimize)
     transitions, base = _check_latency_terms(costs)
     units = _tie_units(layers, tie_groups)
+    supported = [[costs.is_supported(layer, option) for option in names] for layer in layers]
+    allowed = _allowed_options(costs, layers, names, units, supported)
     int8_bytes = math.fsum(float(costs.int8_weight_bytes[layer]) for layer in layers)
     if not math.isfinite(int8_bytes) or int8_bytes <= 0:
         raise ValueError(f"the layers' int8_weight_bytes must add up to a positive number, got {int8_bytes!r}")
     integer = tuple(_is_integer(name) for name in names) if any(transitions.values()) else ()
     switches, switch_ms = _switches(layers, units, transitions, integer)
     per_layer = {
-        metric: [[_value(costs, layer, option, metric) for option in names] for layer in layers] for metric in needed
+        metric: [
+            [_value(costs, layer, option, metric) if ok else 0.0 for option, ok in zip(names, srow, strict=True)]
+            for layer, srow in zip(layers, supported, strict=True)
+        ]
+        for metric in needed
     }
-    scores = [[_score(sensitivity, layer, option) for option in names] for layer in layers]
-    forms = {metric: _Linear(_unit_table(table, units)) for metric, table in per_layer.items()}
-    forms["sensitivity"] = _Linear(_unit_table(scores, units))
+    scores = [
+        [_score(sensitivity, layer, option) if ok else 0.0 for option, ok in zip(names, srow, strict=True)]
+        for layer, srow in zip(layers, supported, strict=True)
+    ]
+    forms = {metric: _Linear(_unit_table(table, units, allowed)) for metric, table in per_layer.items()}
+    forms["sensitivity"] = _Linear(_unit_table(scores, units, allowed))
     if "latency_ms" in forms:
         forms["latency_ms"] = _Linear(forms["latency_ms"].table, switch_ms, base or 0.0)
     if minimize == "latency":
@@ -540,7 +564,7 @@ def _build_model(
             for srow, crow in zip(scores, cost, strict=True)
         ]
         switch = tuple(cost_weight * ms for ms in forms[cost_metric].switch)
-        objective = (_Linear(_unit_table(weighted, units), switch),)
+        objective = (_Linear(_unit_table(weighted, units, allowed), switch),)
     else:
         objective = (forms["sensitivity"],)
     limits = {name: value * int8_bytes if name == "compression_ratio" else value for name, value in budgets.items()}
@@ -548,6 +572,7 @@ def _build_model(
         layers=layers,
         options=names,
         units=units,
+        allowed=allowed,
         objective=objective,
         forms=forms,
         limits=limits,
@@ -584,10 +609,57 @@ def _switches(
     return tuple(merged), tuple(math.fsum(values) for values in merged.values())
 
 
-def _unit_table(per_layer: Table, units: Sequence[Sequence[int]]) -> Table:
-    """Sum a per-layer table over the members of each unit."""
+def _allowed_options(
+    costs: CostTable,
+    layers: Sequence[str],
+    names: Sequence[str],
+    units: Sequence[Sequence[int]],
+    supported: Sequence[Sequence[bool]],
+) -> tuple[tuple[bool, ...], ...]:
+    """Per unit, per candidate option: whether every member can run it; ValueError for a unit with none."""
+    allowed = tuple(tuple(all(supported[i][o] for i in unit) for o in range(len(names))) for unit in units)
+    for unit, row in zip(units, allowed, strict=True):
+        if any(row):
+            continue
+        members = [layers[i] for i in unit]
+        if len(unit) == 1:
+            layer = members[0]
+            reasons = "; ".join(f"{option}: {costs.unsupported_reason(layer, option)}" for option in names)
+            runnable = [option for option in costs.options if costs.is_supported(layer, option)]
+            hint = (
+                f"add an option it supports ({runnable}) to options" if runnable else "no option in the table runs it"
+            )
+            raise ValueError(
+                f"layer {layer!r} has no supported option among the candidates {list(names)}: the target "
+                f"{costs.target!r} cannot run it there ({reasons}); {hint}"
+            )
+        details = "; ".join(
+            f"{layers[i]!r} supports {[option for option, ok in zip(names, supported[i], strict=True) if ok]}"
+            for i in unit
+        )
+        raise ValueError(
+            f"tie group {members} has no option that every member supports among the candidates {list(names)} "
+            f"on the target {costs.target!r} ({details}); add an option they all support, or untie them"
+        )
+    return allowed
+
+
+def _unit_table(
+    per_layer: Table, units: Sequence[Sequence[int]], allowed: Sequence[Sequence[bool]] | None = None
+) -> Table:
+    """Sum a per-layer table over the members of each unit.
+
+    With ``allowed``, a unit's entries at options it may not take are set to its largest allowed
+    entry: never chosen, and never a row's minimum nor outside its allowed range.
+    """
     n_options = len(per_layer[0])
-    return [[math.fsum(per_layer[i][o] for i in unit) for o in range(n_options)] for unit in units]
+    table = [[math.fsum(per_layer[i][o] for i in unit) for o in range(n_options)] for unit in units]
+    if allowed is None:
+        return table
+    for row, ok in zip(table, allowed, strict=True):
+        filler = max(value for value, fine in zip(row, ok, strict=True) if fine)
+        row[:] = [value if fine else filler for value, fine in zip(row, ok, strict=True)]
+    return table
 
 
 def _budget_rows(model: _Model, budgets: Mapping[str, float]) -> tuple[tuple[_Linear, float], ...]:
@@ -649,18 +721,30 @@ def _solve_ilp(model: _Model, program: _Program, time_limit_s: float | None) -> 
     """
     n_options = len(model.options)
     prob = pulp.LpProblem("ohq_plan", pulp.LpMinimize)
-    x = [[_variable(prob, f"x_{u}_{o}") for o in range(n_options)] for u in range(len(model.units))]
+    x = [  # no variable (None) where the unit may not take the option
+        [_variable(prob, f"x_{u}_{o}") if ok else None for o, ok in enumerate(allowed)]
+        for u, allowed in enumerate(model.allowed)
+    ]
     z = [_variable(prob, f"z_{k}", pulp.LpContinuous, lowBound=0, upBound=1) for k in range(len(model.switches))]
     prob += _expression(program.objective, x, z)
     for u, vrow in enumerate(x):
-        prob += pulp.lpSum(vrow) == 1, f"one_{u}"
+        prob += pulp.lpSum(v for v in vrow if v is not None) == 1, f"one_{u}"
     for k, (a, b) in enumerate(model.switches):
-        q_a, q_b = (pulp.lpSum(v for v, integer in zip(x[u], model.integer, strict=True) if integer) for u in (a, b))
+        q_a, q_b = (
+            pulp.lpSum(v for v, integer in zip(x[u], model.integer, strict=True) if integer and v is not None)
+            for u in (a, b)
+        )
         prob += z[k] >= q_a - q_b, f"switch_{k}_up"
         prob += z[k] >= q_b - q_a, f"switch_{k}_down"
     for k, (form, limit) in enumerate(program.rows):
         scaled, bound = _scaled_row(form, limit)
-        if any(itertools.chain(*scaled.table, scaled.switch)):
+        live = (
+            c
+            for crow, vrow in zip(scaled.table, x, strict=True)
+            for c, v in zip(crow, vrow, strict=True)
+            if v is not None
+        )
+        if any(itertools.chain(live, scaled.switch)):
             prob += _expression(scaled, x, z) <= bound, f"budget_{k}"
         elif not _within(form.constant, limit):  # a constant row: it holds or it does not
             return "Infeasible", None
@@ -668,12 +752,21 @@ def _solve_ilp(model: _Model, program: _Program, time_limit_s: float | None) -> 
     status = _status_name(prob)
     if status not in ("Optimal", "Feasible"):
         return status, None
-    return status, [max(range(n_options), key=lambda o, vrow=vrow: vrow[o].value() or 0.0) for vrow in x]
+    choice = [
+        max((o for o in range(n_options) if vrow[o] is not None), key=lambda o, vrow=vrow: vrow[o].value() or 0.0)
+        for vrow in x
+    ]
+    return status, choice
 
 
 def _expression(form: _Linear, x: Sequence[Sequence[Any]], z: Sequence[Any]) -> Any:
-    """The non-constant part of ``form`` over the variables, skipping zero coefficients."""
-    terms = [c * v for crow, vrow in zip(form.table, x, strict=True) for c, v in zip(crow, vrow, strict=True) if c]
+    """The non-constant part of ``form`` over the variables, skipping zero coefficients and absent variables."""
+    terms = [
+        c * v
+        for crow, vrow in zip(form.table, x, strict=True)
+        for c, v in zip(crow, vrow, strict=True)
+        if c and v is not None
+    ]
     return pulp.lpSum(terms + [c * v for c, v in zip(form.switch, z, strict=False) if c])
 
 
@@ -734,7 +827,7 @@ def _prefer_fewer_bytes(model: _Model, choice: list[int], rows: Sequence[tuple[_
         changed = False
         for u, current in enumerate(choice):
             candidates = sorted(
-                (o for o in range(len(model.options)) if weight[u][o] < weight[u][current]),
+                (o for o in range(len(model.options)) if model.allowed[u][o] and weight[u][o] < weight[u][current]),
                 key=lambda o, u=u: weight[u][o],
             )
             for o in candidates:
@@ -758,7 +851,13 @@ def _same_value(model: _Model, form: _Linear, choice: Sequence[int], u: int, opt
 
 
 def _check_choice_meets_budgets(model: _Model, choice: Sequence[int], budgets: Mapping[str, float]) -> None:
-    """Guard against a solver answer that breaks a budget beyond float rounding."""
+    """Guard against a solver answer that breaks a budget beyond float rounding or picks a forbidden option."""
+    for u, option in enumerate(choice):
+        if not model.allowed[u][option]:
+            members = [model.layers[i] for i in model.units[u]]
+            raise RuntimeError(
+                f"the ILP solver picked {model.options[option]!r} for {members}, which the target cannot run"
+            )
     for name in budgets:
         total, limit = _evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]
         if not _within(total, limit):
@@ -795,7 +894,11 @@ def _least(model: _Model, form: _Linear, time_limit_s: float | None) -> float:
         _, choice = _solve_ilp(model, _Program(_normalised(form), ()), time_limit_s)
         if choice is not None:
             return _evaluate(model, form, choice)
-    return math.fsum([*(min(row) for row in form.table), form.constant])
+    least = (
+        min(value for value, ok in zip(row, allowed, strict=True) if ok)
+        for row, allowed in zip(form.table, model.allowed, strict=True)
+    )
+    return math.fsum([*least, form.constant])
 
 
 def _infeasible_error(
@@ -854,7 +957,7 @@ def _make_plan(
     paid = _transitions_paid(model, assignment)
     base = [] if model.base_latency_ms is None else [model.base_latency_ms]
     for metric in ("latency_ms", "energy_mj"):
-        if costs.has_metric(metric, model.options):
+        if costs.has_metric(metric, model.options, skip_unsupported=True):
             extra = [*paid.values(), *base] if metric == "latency_ms" else []
             predicted[metric] = math.fsum([*(row[metric] for row in rows), *extra])
     if costs.transition_ms:

@@ -109,3 +109,35 @@ def test_conv_geometry_and_signature_resolve_same_padding():
     assert layers[2].padding == [2, 2, 2, 2] and layers[2].dilation == [2, 2]
     assert layers[0].signature() == "conv2d|in=1x3x8x8|out=1x4x4x4|w=4x3x3x3|s=2x2|p=1x1x1x1|d=1x1|g=1|bias=1"
     assert layers[2].signature().endswith("|bias=0")
+
+
+def test_pruned_layers_are_traced_like_unpruned_ones(tiny_net, tiny_input):
+    from torch.nn.utils import prune
+
+    from ohq_lightning.layers import float_weight, is_weight_pruned, weight_parameter
+    from ohq_lightning.quant import modules as quant_modules
+
+    plain = trace_layers(tiny_net, tiny_input)
+    prune.l1_unstructured(tiny_net.stem[0], "weight", amount=0.5)
+    prune.random_unstructured(tiny_net.fc, "weight", amount=0.3)
+    prune.l1_unstructured(tiny_net.fc, "weight", amount=0.2)  # pruned twice: a PruningContainer
+    before = state_snapshot(tiny_net)
+    pruned = trace_layers(tiny_net, tiny_input)
+    assert pruned.names() == plain.names() and pruned.skipped == {}
+    assert [layer.to_dict() for layer in pruned.layers] == [layer.to_dict() for layer in plain.layers]
+    assert same_state(tiny_net, before)
+    for module in (tiny_net.stem[0], tiny_net.fc):
+        assert is_weight_pruned(module) and weight_parameter(module) is module.weight_orig
+        assert torch.equal(float_weight(module), module.weight_orig * module.weight_mask)
+    assert not is_weight_pruned(tiny_net.dw[0]) and weight_parameter(tiny_net.dw[0]) is tiny_net.dw[0].weight
+    # the helpers moved here from quant.modules; the old import path still works
+    assert quant_modules.float_weight is float_weight and quant_modules.is_weight_pruned is is_weight_pruned
+
+
+def test_weight_that_is_no_parameter_is_still_skipped(tiny_net, tiny_input):
+    fc = tiny_net.fc
+    weight = fc.weight.detach().clone()
+    del fc.weight
+    fc.weight = weight  # a plain tensor attribute: not trainable, not quantizable
+    trace = trace_layers(tiny_net, tiny_input)
+    assert "fc" not in trace.names() and trace.skipped["fc"] == "weight is not a Parameter"

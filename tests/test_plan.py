@@ -50,3 +50,33 @@ def test_tables_and_plan_round_trip_through_json(tmp_path):
     assert QuantPlan.from_json(path) == plan
     assert QuantPlan.from_json(str(path)) == plan
     assert plan.option_counts() == {"w4a8": 1}
+
+
+def test_unsupported_entries_are_known_by_their_source_and_skipped_on_request():
+    from ohq_lightning.plan import UNSUPPORTED
+
+    costs = CostTable(
+        target="cuda",
+        options=["fp32", "w8a8"],
+        costs={
+            "conv": {"fp32": LayerCost(32.0, 1.0, 0.2), "w8a8": LayerCost(8.0, 1.0, 0.1, source="measured")},
+            "dw": {"fp32": LayerCost(32.0, 1.0, 0.3), "w8a8": LayerCost(8.0, 1.0, None, None, UNSUPPORTED)},
+        },
+        int8_weight_bytes={"conv": 8.0, "dw": 8.0},
+        meta={"unsupported": {"dw": {"w8a8": "cuDNN int8 conv is limited to groups=1"}}},
+    )
+    assert costs.costs["conv"]["w8a8"].supported and not costs.costs["dw"]["w8a8"].supported
+    assert costs.is_supported("dw", "fp32") and not costs.is_supported("dw", "w8a8")
+    assert costs.unsupported_reason("dw", "w8a8") == "cuDNN int8 conv is limited to groups=1"
+    assert costs.unsupported_reason("conv", "w8a8") is None
+    costs.meta = {}
+    assert costs.unsupported_reason("dw", "w8a8") == "marked unsupported by the target"
+    # by default an unsupported entry counts as missing the metric (a uniform w8a8 plan has no latency) ...
+    assert not costs.has_metric("latency_ms") and not costs.has_metric("latency_ms", ["w8a8"])
+    assert costs.has_metric("latency_ms", ["fp32"])
+    # ... and a plan that never picks it needs only the supported entries
+    assert costs.has_metric("latency_ms", skip_unsupported=True)
+    assert not costs.has_metric("energy_mj", skip_unsupported=True)
+    again = CostTable.from_json(costs.to_json())
+    assert again == costs and not again.costs["dw"]["w8a8"].supported
+    assert "supported" not in again.costs["dw"]["w8a8"].to_dict()  # a property, not a stored field

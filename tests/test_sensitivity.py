@@ -100,3 +100,39 @@ def test_inputs_must_be_one_batch_tensor(scored):
     model, layers, inputs = scored
     with pytest.raises(ValueError, match="one input tensor"):
         mqe_sensitivity(model, (inputs, inputs), layers, OPTIONS, progress=False)
+
+
+def _pruned_pair(tiny_net):
+    """``tiny_net`` with stem.0 and fc pruned, and a plain copy whose weights are the masked ones."""
+    import copy
+
+    from torch.nn.utils import prune
+
+    plain = copy.deepcopy(tiny_net)
+    for model in (tiny_net, plain):  # L1 pruning is deterministic: the same masks in both
+        prune.l1_unstructured(model.stem[0], "weight", amount=0.5)
+        prune.l1_unstructured(model.fc, "weight", amount=0.4)
+    for name in ("stem.0", "fc"):
+        prune.remove(plain.get_submodule(name), "weight")  # weight = weight_orig * weight_mask, a Parameter
+    return tiny_net, plain
+
+
+@pytest.mark.parametrize("method", ["quantize", "random_mask"])
+def test_pruned_layers_are_scored_on_their_masked_weight(tiny_net, tiny_input, method):
+    model, plain = _pruned_pair(tiny_net)
+    layers = trace_layers(model, tiny_input).layers
+    assert [layer.name for layer in layers] == ["stem.0", "dw.0", "grouped.0", "fc"]
+    inputs = gaussian_inputs(tiny_input, 16)
+    model.stem[0].weight = torch.full_like(model.stem[0].weight, 7.0)  # stale: the forward must not read it
+    before = state_snapshot(model)
+    stale = {name: model.get_submodule(name).weight for name in ("stem.0", "fc")}
+    kwargs = {"method": method, "seed": 5, "progress": False}
+    table = mqe_sensitivity(model, inputs, layers, ["w8a8", "w2a8"], **kwargs)
+    reference = mqe_sensitivity(plain, inputs, layers, ["w8a8", "w2a8"], **kwargs)
+    for name in ("stem.0", "fc"):
+        assert table.scores[name]["w2a8"] > 0, name
+        for option in ("w8a8", "w2a8"):  # exactly what the same layer scores with its masked weight as a plain one
+            assert table.scores[name][option] == pytest.approx(reference.scores[name][option], rel=1e-6, abs=1e-12)
+    assert same_state(model, before) and not quantized_layers(model)
+    for name, weight in stale.items():  # even the weight attribute the pruning hook rewrites is put back
+        assert model.get_submodule(name).weight is weight

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from ohq_lightning.plan import CostTable, LayerCost, QuantPlan, SensitivityTable
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, QuantPlan, SensitivityTable
 from ohq_lightning.solver import BUDGETS, InfeasibleBudgetError, pareto_sweep, solve
 
 OPTION_POOL = {"w2a8": 2, "w3a8": 3, "w4a8": 4, "w5a8": 5, "w6a8": 6, "w8a8": 8}
@@ -57,6 +57,18 @@ def make_tables(
     )
 
 
+def mark_unsupported(costs: CostTable, layer: str, option: str, reason: str = "no kernel") -> None:
+    """Mark one entry as a target that cannot run it does: no latency or energy, the reason in meta."""
+    cost = costs.costs[layer][option]
+    costs.costs[layer][option] = LayerCost(cost.weight_bytes, cost.bops, None, None, UNSUPPORTED)
+    costs.meta.setdefault("unsupported", {}).setdefault(layer, {})[option] = reason
+
+
+def runnable(costs: CostTable, assignment: dict[str, str]) -> bool:
+    """True when the target can run every layer of ``assignment`` at its option."""
+    return all(costs.costs[layer][option].supported for layer, option in assignment.items())
+
+
 def metric_total(costs: CostTable, assignment: dict[str, str], metric: str) -> float:
     """Sum of one metric over an assignment."""
     return math.fsum(getattr(costs.costs[layer][option], metric) for layer, option in assignment.items())
@@ -83,11 +95,13 @@ def brute_force(
     cost_weight: float = 0.0,
     cost_metric: str = "latency_ms",
 ) -> tuple[float, dict[str, str]] | None:
-    """Best (objective, assignment) over every assignment, or None when none meets the budgets."""
+    """Best (objective, assignment) over every runnable assignment, or None when none meets the budgets."""
     best: tuple[float, dict[str, str]] | None = None
     for combo in itertools.product(costs.options, repeat=len(costs.layers)):
         assignment = dict(zip(costs.layers, combo, strict=True))
         if any(len({assignment[layer] for layer in group}) > 1 for group in tie_groups):
+            continue
+        if not runnable(costs, assignment):
             continue
         if any(
             metric_total(costs, assignment, BUDGETS[name]) > limit_of(costs, name, value)
@@ -101,11 +115,13 @@ def brute_force(
 
 
 def brute_min_metric(costs: CostTable, metric: str, tie_groups: list[list[str]] = ()) -> float:  # type: ignore[assignment]
-    """Smallest total of a metric over all assignments that honour the tie groups."""
+    """Smallest total of a metric over all runnable assignments that honour the tie groups."""
     best = math.inf
     for combo in itertools.product(costs.options, repeat=len(costs.layers)):
         assignment = dict(zip(costs.layers, combo, strict=True))
-        if all(len({assignment[layer] for layer in group}) == 1 for group in tie_groups):
+        if all(len({assignment[layer] for layer in group}) == 1 for group in tie_groups) and runnable(
+            costs, assignment
+        ):
             best = min(best, metric_total(costs, assignment, metric))
     return best
 
@@ -115,8 +131,8 @@ def random_budgets(rng: random.Random, costs: CostTable) -> dict[str, float]:
     budgets = {}
     for name in rng.sample(sorted(BUDGETS), rng.randint(1, 3)):
         metric = BUDGETS[name]
-        low = sum(min(getattr(c, metric) for c in row.values()) for row in costs.costs.values())
-        high = sum(max(getattr(c, metric) for c in row.values()) for row in costs.costs.values())
+        values = [[getattr(c, metric) for c in row.values() if c.supported] for row in costs.costs.values()]
+        low, high = sum(min(row) for row in values), sum(max(row) for row in values)
         value = rng.uniform(0.8 * low, 1.05 * high)
         budgets[name] = value / sum(costs.int8_weight_bytes.values()) if name == "compression_ratio" else value
     return budgets
@@ -516,3 +532,161 @@ def test_bad_time_limit() -> None:
         with pytest.raises(ValueError, match="time_limit_s"):
             solve(sens, costs, time_limit_s=bad)  # type: ignore[arg-type]
     assert solve(sens, costs, time_limit_s=None).status == "Optimal"
+
+
+# ----------------------------------------------------------------------------- entries the target cannot run
+
+
+def mark_random_unsupported(rng: random.Random, costs: CostTable, fraction: float) -> None:
+    """Mark about ``fraction`` of the entries unsupported, every layer keeping at least one option it runs."""
+    for layer in costs.layers:
+        for option in rng.sample(costs.options, len(costs.options) - 1):
+            if rng.random() < fraction:
+                mark_unsupported(costs, layer, option)
+
+
+def dw_table(latency: bool = True) -> tuple[SensitivityTable, CostTable]:
+    """conv, dw, fc at w4a8 / w8a8; the target cannot run dw at w4a8, where dw scores 0 with the fewest bytes."""
+    bits = {"w4a8": 4, "w8a8": 8}
+    numel = {"conv": 100, "dw": 1000, "fc": 100}
+    lat = {"w4a8": 0.5, "w8a8": 1.0}
+    costs = {
+        layer: {
+            opt: LayerCost(n * b / 8, float(n * b * 8), lat[opt] * n / 100 if latency else None)
+            for opt, b in bits.items()
+        }
+        for layer, n in numel.items()
+    }
+    scores = {"conv": {"w4a8": 0.2, "w8a8": 0.0}, "dw": {"w4a8": 0.0, "w8a8": 0.5}, "fc": {"w4a8": 0.3, "w8a8": 0.0}}
+    table = CostTable("gpu", ["w4a8", "w8a8"], costs, {layer: float(n) for layer, n in numel.items()})
+    mark_unsupported(table, "dw", "w4a8", "depthwise int4 has no kernel")
+    return SensitivityTable("kl", scores), table
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_matches_brute_force_with_unsupported_entries(seed: int) -> None:
+    rng = random.Random(5000 + seed)
+    options = rng.sample(sorted(OPTION_POOL), rng.randint(2, 3))
+    sens, costs = make_tables(rng.randint(3, 5), options, 300 + seed, monotone=seed % 2 == 0)
+    mark_random_unsupported(rng, costs, 0.4)
+    budgets = random_budgets(rng, costs)  # any metric: latency and energy are missing only where unsupported
+    tie_groups = [rng.sample(costs.layers, 2)] if seed % 3 == 0 else []
+    cost_weight = rng.choice([0.0, 0.5]) if "latency_budget" not in budgets else 0.0
+    kwargs = dict(budgets, tie_groups=tie_groups, cost_weight=cost_weight)
+    if brute_force(sens, costs, {}, tie_groups) is None:  # the tied layers share no option they both run
+        with pytest.raises(ValueError, match="tie group"):
+            solve(sens, costs, **kwargs)
+        return
+    expected = brute_force(sens, costs, budgets, tie_groups, cost_weight)
+    if expected is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(sens, costs, **kwargs)
+        return
+    plan = solve(sens, costs, **kwargs)
+    assert runnable(costs, plan.assignment)
+    assert close(objective(sens, costs, plan.assignment, cost_weight, "latency_ms"), expected[0])
+    for name, value in budgets.items():
+        assert metric_total(costs, plan.assignment, BUDGETS[name]) <= limit_of(costs, name, value) * (1 + 1e-9)
+    assert plan.predicted["latency_ms"] == pytest.approx(metric_total(costs, plan.assignment, "latency_ms"))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_smallest_feasible_skips_unsupported_entries(seed: int) -> None:
+    rng = random.Random(6000 + seed)
+    sens, costs = make_tables(4, ["w2a8", "w4a8", "w8a8"], 70 + seed, monotone=seed % 2 == 0)
+    for layer in rng.sample(costs.layers, 2):  # the cheapest option of two layers cannot run
+        cheapest = min(costs.options, key=lambda o, row=costs.costs[layer]: row[o].weight_bytes)
+        mark_unsupported(costs, layer, cheapest)
+    name = ("compression_ratio", "latency_budget", "bops_budget", "energy_budget")[seed % 4]
+    tie_groups = [costs.layers[:2]] if seed % 3 else []
+    least = brute_min_metric(costs, BUDGETS[name], tie_groups)
+    if name == "compression_ratio":
+        least /= sum(costs.int8_weight_bytes.values())
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, tie_groups=tie_groups, **{name: least * 0.9})
+    assert math.isclose(info.value.smallest_feasible[name], least, rel_tol=1e-9)
+    plan = solve(sens, costs, tie_groups=tie_groups, **{name: info.value.smallest_feasible[name]})
+    assert runnable(costs, plan.assignment)
+
+
+def test_unsupported_entry_never_chosen_even_when_optimal() -> None:
+    sens, costs = dw_table()
+    assert solve(sens, costs).assignment == {"conv": "w8a8", "dw": "w8a8", "fc": "w8a8"}
+    # a tight size budget: dw at w4a8 would save the most bytes at no loss, but it cannot run
+    plan = solve(sens, costs, compression_ratio=0.95)
+    assert plan.assignment == {"conv": "w4a8", "dw": "w8a8", "fc": "w4a8"}
+    assert plan.layers[1]["source"] == "analytical"
+    # all scores zero: the fewer-bytes pass must not move dw to the entry it cannot run
+    zero = SensitivityTable("kl", {layer: dict.fromkeys(row, 0.0) for layer, row in sens.scores.items()})
+    assert solve(zero, costs).assignment == {"conv": "w4a8", "dw": "w8a8", "fc": "w4a8"}
+    assert solve(zero, costs, cost_weight=1.0, cost_metric="weight_bytes").assignment["dw"] == "w8a8"
+
+
+def test_latency_budget_and_minimize_latency_with_unsupported_entries() -> None:
+    sens, costs = dw_table()
+    assert costs.costs["dw"]["w4a8"].latency_ms is None
+    plan = solve(sens, costs, latency_budget=11.5)  # dw at w8a8 (10 ms) + conv, fc: one of them at w4a8
+    assert plan.assignment["dw"] == "w8a8" and plan.predicted["latency_ms"] == pytest.approx(11.5)
+    assert plan.predicted["sensitivity"] == pytest.approx(0.7)
+    fast = solve(sens, costs, minimize="latency", sensitivity_budget=10.0)
+    assert fast.assignment == {"conv": "w4a8", "dw": "w8a8", "fc": "w4a8"}
+    assert fast.predicted["latency_ms"] == pytest.approx(11.0)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, latency_budget=6.0)  # it would fit if dw could run at w4a8 (6.0 ms)
+    assert info.value.smallest_feasible["latency_budget"] == pytest.approx(11.0)
+    # a supported entry without latency is still refused for a latency budget
+    costs.costs["conv"]["w8a8"].latency_ms = None
+    with pytest.raises(ValueError, match="gives no such metric"):
+        solve(sens, costs, latency_budget=20.0)
+
+
+def test_smallest_feasible_ratio_accounts_for_unsupported_entries() -> None:
+    sens, costs = dw_table()
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, compression_ratio=0.5)  # all w4a8 would be 0.5; dw must stay at w8a8
+    assert info.value.smallest_feasible["compression_ratio"] == pytest.approx((50 + 1000 + 50) / 1200)
+    assert "0.916667" in str(info.value)
+
+
+def test_tie_group_takes_an_option_every_member_runs() -> None:
+    sens, costs = dw_table()
+    plan = solve(sens, costs, tie_groups=[["conv", "dw"]])
+    assert plan.assignment["conv"] == plan.assignment["dw"] == "w8a8"
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, compression_ratio=0.9, tie_groups=[["conv", "dw"]])
+    assert info.value.smallest_feasible["compression_ratio"] == pytest.approx((100 + 1000 + 50) / 1200)
+
+
+def test_layer_without_a_supported_candidate_is_named() -> None:
+    sens, costs = dw_table()
+    with pytest.raises(ValueError, match=r"layer 'dw' has no supported option.*depthwise int4 has no kernel") as info:
+        solve(sens, costs, options=["w4a8"])
+    assert not isinstance(info.value, InfeasibleBudgetError)
+    assert "['w8a8']" in str(info.value)  # what it can run instead
+    mark_unsupported(costs, "conv", "w8a8", "no int8 kernel")
+    with pytest.raises(ValueError, match=r"tie group \['conv', 'dw'\] has no option that every member supports"):
+        solve(sens, costs, tie_groups=[["conv", "dw"]])
+    mark_unsupported(costs, "dw", "w8a8")
+    with pytest.raises(ValueError, match=r"layer 'dw'.*no option in the table runs it"):
+        solve(sens, costs)
+    with pytest.raises(ValueError, match="layer 'dw'"):
+        pareto_sweep(sens, costs, budget="compression_ratio", values=[0.9, 1.0])
+
+
+def test_missing_score_allowed_only_at_unsupported_entries() -> None:
+    sens, costs = dw_table()
+    del sens.scores["dw"]["w4a8"]  # a scorer may skip what the target cannot run
+    assert solve(sens, costs, compression_ratio=0.95).assignment["dw"] == "w8a8"
+    del sens.scores["conv"]["w4a8"]
+    with pytest.raises(ValueError, match=r"no score for layer 'conv'"):
+        solve(sens, costs)
+
+
+def test_pareto_sweep_respects_unsupported_entries() -> None:
+    sens, costs = dw_table()
+    plans = pareto_sweep(sens, costs, budget="compression_ratio", values=[0.5, 0.9, 0.95, 1.0])
+    assert [p.meta["sweep"]["value"] for p in plans] == [0.95, 1.0]  # 0.5 and 0.9 need dw at w4a8
+    assert all(p.assignment["dw"] == "w8a8" for p in plans)
+    plans = pareto_sweep(sens, costs, budget="latency_budget", values=[6.0, 11.0, 12.0])
+    assert [p.meta["sweep"]["value"] for p in plans] == [11.0, 12.0]
+    assert all(p.assignment["dw"] == "w8a8" and "latency_ms" in p.predicted for p in plans)

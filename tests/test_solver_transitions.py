@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from ohq_lightning.plan import CostTable, LayerCost, SensitivityTable
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, SensitivityTable
 from ohq_lightning.solver import InfeasibleBudgetError, pareto_sweep, solve
 
 STORAGE_BITS = {"fp32": 32, "bf16": 16, "w8a8": 8, "w6a8": 6, "w4a8": 4, "w2a8": 2}
@@ -102,10 +102,12 @@ def totals(sens: SensitivityTable, costs: CostTable, assignment: dict[str, str])
 def all_plans(
     sens: SensitivityTable, costs: CostTable, options: list[str], tie_groups: list[list[str]] = ()
 ) -> list[tuple[dict[str, str], dict[str, float]]]:
-    """Every assignment that honours the tie groups, with its totals."""
+    """Every assignment that honours the tie groups and that the target can run, with its totals."""
     plans = []
     for combo in itertools.product(options, repeat=len(costs.layers)):
         assignment = dict(zip(costs.layers, combo, strict=True))
+        if not all(costs.costs[layer][option].supported for layer, option in assignment.items()):
+            continue
         if all(len({assignment[layer] for layer in group}) == 1 for group in tie_groups):
             plans.append((assignment, totals(sens, costs, assignment)))
     return plans
@@ -197,6 +199,45 @@ def test_smallest_feasible_matches_brute_force(seed: int) -> None:
     assert plan.predicted[{"latency_budget": "latency_ms"}.get(name, TOTALS[name])] <= smallest * (1 + 1e-9)
     with pytest.raises(InfeasibleBudgetError):
         solve(sens, costs, minimize=minimize, **budgets, **{name: smallest * (1 - 1e-6)})
+
+
+def mark_unsupported(costs: CostTable, layer: str, option: str) -> None:
+    """Mark one entry as the CUDA target marks a kernel it lacks: no latency, the reason in meta."""
+    cost = costs.costs[layer][option]
+    costs.costs[layer][option] = LayerCost(cost.weight_bytes, cost.bops, None, None, UNSUPPORTED)
+    costs.meta.setdefault("unsupported", {}).setdefault(layer, {})[option] = "no kernel"
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_matches_brute_force_with_unsupported_entries(seed: int) -> None:
+    rng = random.Random(9000 + seed)
+    options = random_options(rng)
+    sens, costs = make_chain(rng.randint(3, 5), options, 200 + seed, base=rng.choice([None, 0.4]))
+    for layer in costs.layers:  # some integer options cannot run (a depthwise conv on CUDA); floats always can
+        for option in options:
+            if is_int(option) and rng.random() < 0.4:
+                mark_unsupported(costs, layer, option)
+    plans = all_plans(sens, costs, options)
+    minimize = "latency" if seed % 2 else "sensitivity"
+    name = rng.choice(["latency_budget", "sensitivity_budget", "compression_ratio"])
+    values = [total[TOTALS[name]] for _, total in plans]
+    budgets = {name: rng.uniform(0.8 * min(values), 1.05 * max(values))}
+    if minimize == "latency" and name == "latency_budget":
+        budgets["sensitivity_budget"] = max(t["sensitivity"] for _, t in plans)
+    feasible = [total for _, total in plans if meets(total, budgets)]
+    if not feasible:
+        with pytest.raises(InfeasibleBudgetError) as info:
+            solve(sens, costs, minimize=minimize, **budgets)
+        least = min(t[TOTALS[name]] for _, t in plans if meets(t, {k: v for k, v in budgets.items() if k != name}))
+        assert math.isclose(info.value.smallest_feasible[name], least, rel_tol=1e-9, abs_tol=1e-12)
+        return
+    plan = solve(sens, costs, minimize=minimize, **budgets)
+    assert all(costs.costs[layer][option].supported for layer, option in plan.assignment.items())
+    got = totals(sens, costs, plan.assignment)
+    key = "latency" if minimize == "latency" else "sensitivity"
+    assert close(got[key], min(t[key] for t in feasible))
+    assert meets(got, budgets, slack=1e-9)
+    assert plan.predicted["latency_ms"] == pytest.approx(got["latency"], rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- hand-built chains
@@ -321,6 +362,21 @@ def test_fewer_bytes_pass_respects_transitions() -> None:
     assert plan.predicted["latency_ms"] == 3.0
     plan = solve(sens, table, latency_budget=3.5)  # b at w8a8 with its two transitions fits: 1 + 0.5 + 1 + 1.0
     assert plan.assignment["b"] == "w8a8" and plan.predicted["latency_ms"] == 3.5
+
+
+def test_unsupported_middle_layer_pays_its_transitions() -> None:
+    sens, costs = three_layer_chain(base=2.0)
+    sens.scores["b"]["w8a8"] = 0.0  # b would run at int8 for free, but the target has no int8 kernel for it
+    mark_unsupported(costs, "b", "w8a8")
+    fastest = solve(sens, costs, minimize="latency", sensitivity_budget=1.0)
+    assert fastest.assignment == {"a": "w8a8", "b": "fp32", "c": "w8a8"}  # 4.25 ms beats all fp32 (5.0)
+    assert fastest.predicted["latency_ms"] == pytest.approx(4.25)
+    assert fastest.predicted["transition_ms"] == pytest.approx(0.75)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(sens, costs, latency_budget=3.0)  # all int8 (2.75 ms) would fit, were b able to run it
+    assert info.value.smallest_feasible["latency_budget"] == pytest.approx(4.25)
+    with pytest.raises(ValueError, match=r"layer 'b' has no supported option.*no kernel.*\['fp32'\]"):
+        solve(sens, costs, options=["w8a8"], latency_budget=10.0)
 
 
 # ----------------------------------------------------------------------------- other behaviour

@@ -7,45 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils import prune
 
+from ohq_lightning.layers import float_weight, is_weight_pruned
 from ohq_lightning.plan import Option
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant, FloatCast, WeightFakeQuant
 
-__all__ = ["QuantLayer", "float_weight", "is_weight_pruned"]
-
-
-def is_weight_pruned(module: nn.Module) -> bool:
-    """Whether :mod:`torch.nn.utils.prune` re-parametrises ``module.weight`` (as Lightning's ``ModelPruning`` does).
-
-    A pruned module holds ``weight_orig`` (the trained :class:`~torch.nn.Parameter`) and
-    ``weight_mask`` (a buffer), and a forward pre-hook sets ``module.weight = weight_orig * weight_mask``
-    at every call; between calls ``module.weight`` is whatever the last call left there.
-
-    Example:
-        >>> conv = torch.nn.Conv2d(3, 4, 3)
-        >>> _ = prune.l1_unstructured(conv, "weight", amount=0.5)
-        >>> is_weight_pruned(conv)
-        True
-    """
-    if "weight_orig" not in module._parameters or "weight_mask" not in module._buffers:
-        return False
-    return any(
-        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight"
-        for hook in module._forward_pre_hooks.values()
-    )
-
-
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The float weight ``module`` computes with now: ``weight_orig * weight_mask`` when pruned, else ``weight``.
-
-    Computed afresh from the parameter (never the value a pruned module's last call left behind),
-    so gradients reach ``weight_orig``.
-    """
-    if is_weight_pruned(module):
-        orig = module.weight_orig
-        return module.weight_mask.to(dtype=orig.dtype) * orig
-    return module.weight
+__all__ = ["QuantLayer", "float_weight", "is_weight_pruned"]  # the two helpers live in ohq_lightning.layers
 
 
 class QuantLayer(nn.Module):
