@@ -515,9 +515,12 @@ def test_a_plan_solved_on_the_cuda_table_predicts_what_the_table_says(point_net,
     plan = ohq.solve(sensitivity, table, options=["fp32", "fp16"], latency_budget=8.0)
     assert plan.predicted["latency_ms"] == pytest.approx(table.predicted_latency_ms(plan.assignment))
     assert plan.predicted["latency_ms"] <= 8.0 and list(plan.assignment.values()).count("fp16") == 4
-    # an option with unsupported layers has no latency there: a latency budget over it is refused clearly
-    with pytest.raises(ValueError, match="latency"):
-        ohq.solve(sensitivity, table, latency_budget=8.0)
+    # the depthwise conv cannot run w8a8: a latency budget works over the other options, never picking it
+    fast = ohq.solve(sensitivity, table, latency_budget=8.0)
+    assert fast.assignment["dw"] != "w8a8" and fast.predicted["latency_ms"] <= 8.0
+    assert fast.predicted["latency_ms"] == pytest.approx(table.predicted_latency_ms(fast.assignment))
+    with pytest.raises(ValueError, match="layer 'dw' has no supported option"):
+        ohq.solve(sensitivity, table, options=["w8a8"], latency_budget=8.0)
     sized = ohq.solve(sensitivity, table, compression_ratio=2.0)  # a size budget needs no latency
     assert set(sized.assignment) == set(names)
 

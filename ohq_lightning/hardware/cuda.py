@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from ohq_lightning.hardware.cache import TimingCache
 from ohq_lightning.hardware.energy import NvmlEnergyMeter
 from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, _JsonMixin
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option, _JsonMixin
 from ohq_lightning.progress import progress_bar
 
 __all__ = [
@@ -1202,7 +1202,7 @@ def _assemble(
                 reasons = result.reasons.get(kernel, {}).items()
                 why = "; ".join(reason if impl == "*" else f"{impl}: {reason}" for impl, reason in reasons)
                 unsupported.setdefault(layer.name, {})[name] = why or "no implementation"
-                row[name] = LayerCost(layer.weight_bytes(option), layer.bops(option), None, None, "unsupported")
+                row[name] = LayerCost(layer.weight_bytes(option), layer.bops(option), None, None, UNSUPPORTED)
                 continue
             latency = best[0].median_ms * layer.calls
             if integer and kernel == "int8":
