@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(path.stem for path in (ROOT / "recipes").glob("*.yaml"))
 # A job small enough for the test suite: a tiny timm model at 32x32, a few timed graphs, a short evaluation.
 SMALL_JOB = [
-    "model.name=mobilenetv3_small_050",
+    "model.name=resnet10t",
     "data.image_size=32",
     "data.max_eval_samples=64",
-    "train.epochs=1",
+    "train.epochs=2",
+    "train.optimizer=adamw",
+    "train.lr=0.003",
     "hardware.samples_per_layer=1.5",
     "hardware.timing.max_seconds=0.05",
     "hardware.timing.min_repeats=3",
@@ -177,7 +179,7 @@ def test_small_job_end_to_end_writes_the_report(tmp_path: Path) -> None:
         assert report[key]["latency_ms"] > 0 and 0 <= report[key]["accuracy"] <= 1
     assert report["ohq"]["predicted_latency_ms"] > 0 and report["cost_source"] == "measured"
     assert report["data"]["test"] == 64 and report["fp32"]["size_bytes"] > report["int8"]["size_bytes"]
-    assert report["fp32"]["accuracy"] > 0.3  # trained on real digits for one epoch: well above chance (0.1)
+    assert report["fp32"]["accuracy"] > 0.5  # trained on real digits for two epochs: far above chance (0.1)
     for name in ("report.md", "plan.json", "plan.png", "accuracy_latency.png", "float_model.pt"):
         assert (run / name).is_file(), name
     assert "uniform INT8" in result.stdout and "OHQ plan" in result.stdout
