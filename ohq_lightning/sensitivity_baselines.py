@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ohq_lightning.layers import float_weight, is_weight_pruned, weight_parameter
 from ohq_lightning.plan import MAX_BITS, LayerInfo, Option, SensitivityTable, parse_options
 from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import FloatCast, WeightFakeQuant
-from ohq_lightning.quant.modules import float_weight, is_weight_pruned
 from ohq_lightning.quant.swap import quantized_layers
 
 __all__ = [
@@ -222,11 +222,6 @@ def _twice_differentiable(model: nn.Module) -> Iterator[int]:
             setattr(parent, attr, child)
 
 
-def _hessian_parameter(module: nn.Module) -> nn.Parameter:
-    """The trained parameter behind a layer's weight (``weight_orig`` when the layer is pruned)."""
-    return module.weight_orig if is_weight_pruned(module) else module.weight  # type: ignore[return-value]
-
-
 def _weights_counted(module: nn.Module) -> int:
     """The number of weights the layer computes with (unpruned ones only)."""
     if is_weight_pruned(module):
@@ -319,7 +314,11 @@ def hessian_sensitivity(
         raise ValueError("hessian_sensitivity needs at least one (inputs, targets) batch")
     total = sum(_batch_size(inputs) for inputs, _ in data)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    params = [_hessian_parameter(modules[name]) for name in names]
+    params = [weight_parameter(modules[name]) for name in names]
+    if any(p is None for p in params):
+        raise ValueError(
+            f"layers {[n for n, p in zip(names, params, strict=True) if p is None]} have no weight parameter"
+        )
     samples = torch.zeros(len(names), iterations, dtype=torch.float64)
     losses: list[float] = []
 
