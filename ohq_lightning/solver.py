@@ -93,7 +93,7 @@ MINIMIZE: tuple[str, ...] = ("sensitivity", "latency")
 _FORM_OF = MappingProxyType({**BUDGETS, "sensitivity_budget": "sensitivity"})  # budget -> the total it bounds
 _OBJECTIVE_SCALE = 1e6  # the solver sees objectives scaled so that their whole range spans this
 _TIE_BREAK = 1e-9  # weight of the weight-bytes tie-break, relative to the objective range
-_SECONDARY = 1e-6  # weight of a secondary objective (sensitivity under minimize="latency"), relative
+_LEXICOGRAPHIC_SLACK = 1e-7  # a secondary objective may cost the first this much, relative (solver tolerance)
 _ROW_SCALE = 1e6  # budget rows are written as sum(metric / limit * _ROW_SCALE) <= _ROW_SCALE
 _BUDGET_RTOL = 1e-9  # a recomputed total may exceed its limit by this much (float rounding)
 _TIE_RTOL = 1e-12  # objective coefficients this close count as equal in the post-solve pass
@@ -244,10 +244,18 @@ def solve(
         budgets["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
     cost_weight = _check_objective_args(cost_weight, cost_metric, minimize, budgets, time_limit_s)
     model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric, minimize)
-    program = _Program(_solver_objective(model), _budget_rows(model, budgets))
+    program = _Program(_solver_objective(model, model.objective[0]), _budget_rows(model, budgets))
 
     start = time.perf_counter()
     status, choice = _solve_ilp(model, program, time_limit_s)
+    for level in model.objective[1:] if choice is not None else ():
+        # Lexicographic: hold the first objective at its optimum, then minimise the next one.
+        best = _evaluate(model, model.objective[0], choice)
+        held = (*program.rows, (model.objective[0], best + _LEXICOGRAPHIC_SLACK * max(abs(best), 1e-12)))
+        program = _Program(_solver_objective(model, level), held)
+        next_status, next_choice = _solve_ilp(model, program, time_limit_s)
+        if next_choice is not None:
+            status, choice = next_status, next_choice
     solve_s = time.perf_counter() - start
     if status == "Infeasible":
         raise _infeasible_error(model, budgets, time_limit_s)
@@ -675,17 +683,9 @@ def _normalised(form: _Linear) -> _Linear:
     return _Linear([[value * factor for value in row] for row in shifted], tuple(c * factor for c in form.switch))
 
 
-def _solver_objective(model: _Model) -> _Linear:
-    """The normalised objective levels (later ones weighted by ``_SECONDARY``) plus a fewer-bytes tie-break."""
-    main, *others = [_normalised(level) for level in model.objective]
-    for level in others:
-        main = _Linear(
-            [
-                [m + _SECONDARY * s for m, s in zip(mrow, srow, strict=True)]
-                for mrow, srow in zip(main.table, level.table, strict=True)
-            ],
-            tuple(m + _SECONDARY * s for m, s in itertools.zip_longest(main.switch, level.switch, fillvalue=0.0)),
-        )
+def _solver_objective(model: _Model, level: _Linear) -> _Linear:
+    """One objective level, normalised, plus a fewer-bytes tie-break."""
+    main = _normalised(level)
     weight = model.forms["weight_bytes"].table
     step = _OBJECTIVE_SCALE * _TIE_BREAK / len(model.units)
     table: Table = []

@@ -690,3 +690,25 @@ def test_pareto_sweep_respects_unsupported_entries() -> None:
     plans = pareto_sweep(sens, costs, budget="latency_budget", values=[6.0, 11.0, 12.0])
     assert [p.meta["sweep"]["value"] for p in plans] == [11.0, 12.0]
     assert all(p.assignment["dw"] == "w8a8" and "latency_ms" in p.predicted for p in plans)
+
+
+def test_minimize_latency_breaks_latency_ties_by_sensitivity_not_by_bytes() -> None:
+    """Sub-8-bit weights on the int8 kernel cost the same time: the less sensitive option must win the tie.
+
+    The sensitivity differences here are tiny next to the whole sensitivity range (dominated by 2-bit
+    scores), which a weighted secondary objective lost to the fewer-bytes tie-break.
+    """
+    names = [f"layer{i}" for i in range(40)]
+    costs, scores, int8 = {}, {}, {}
+    for i, name in enumerate(names):
+        int8[name] = 1000.0
+        costs[name] = {
+            option: LayerCost(1000.0 * bits / 8, 1.0, latency, None, "measured")
+            for option, bits, latency in (("w8a8", 8, 1.0 + 0.01 * i), ("w4a8", 4, 1.0 + 0.01 * i), ("w2a8", 2, 0.9))
+        }
+        scores[name] = {"w8a8": 1e-4, "w4a8": 3e-4, "w2a8": 50.0}
+    sensitivity = SensitivityTable(method="kl", scores=scores)
+    table = CostTable(target="t", options=["w8a8", "w4a8", "w2a8"], costs=costs, int8_weight_bytes=int8)
+    plan = solve(sensitivity, table, minimize="latency", sensitivity_budget=40 * 3e-4 + 1e-9)
+    assert set(plan.assignment.values()) == {"w8a8"}
+    assert plan.predicted["latency_ms"] == pytest.approx(sum(1.0 + 0.01 * i for i in range(40)))
