@@ -1,6 +1,7 @@
 """OQA fidelity: does the measured cpu target predict the end-to-end latency of plans it never timed?
 
-For each model at 1x3x224x224 in ONNX Runtime (1 thread by default), this profiles the network with
+For each runtime (ONNX Runtime and torch's x86 int8 kernels by default) and each model at 1x3x224x224
+(1 thread by default), this profiles the network with
 the `cpu` target (cold, in a fresh cache, then warm from the cache), then deploys six plans --
 uniform FP32, uniform INT8, the latency-optimal mix according to the fitted table, that mix after
 the search's refinement (time the pick, refit, pick again; predicted by the refitted table), and two
@@ -9,7 +10,8 @@ call in turn, over rounds. It prints one JSON object with predicted and measured
 relative error (target: every |error| <= 10%), the fit's own diagnostics, and the cold and warm
 profiling seconds (target: warm >= 10x faster than cold).
 
-    python bench/oqa_fidelity.py [--models resnet18 mobilenetv3_small_100 mobilenetv3_large_100] [--threads 1]
+    python bench/oqa_fidelity.py [--models resnet18 mobilenetv3_small_100 mobilenetv3_large_100]
+        [--runtime onnxruntime torch] [--engine x86] [--threads 1]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import timm
 import torch
 
 from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
+from ohq_lightning.deploy.torch_int8 import TorchDeployedModel, TorchInt8Builder
 from ohq_lightning.hardware import CPUTarget
 from ohq_lightning.hardware.ort_ops import ort_session
 from ohq_lightning.hardware.timing import TimingSettings, set_threads
@@ -32,15 +35,49 @@ from ohq_lightning.plan import CostTable, SensitivityTable
 from ohq_lightning.solver import solve
 
 
-def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int, refine_rounds: int = 6) -> dict:
-    """Profile one model cold and warm, then compare predictions with measurements of six plans."""
+def deploy_plans(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    plans: dict[str, dict[str, str]],
+    runtime: str,
+    threads: int,
+    engine: str,
+) -> dict[str, object]:
+    """Each plan deployed to ``runtime``, calibrated on two fresh Gaussian inputs (not the profile's)."""
+    names = list(next(iter(plans.values())))
+    calibration = torch.randn(2, 3, 224, 224)
+    if runtime == "torch":
+        builder = TorchInt8Builder(model, example, calibration_inputs=[calibration], engine=engine)
+        return {
+            key: TorchDeployedModel(plan, builder.build(plan), threads, engine=engine) for key, plan in plans.items()
+        }
+    graph = export_onnx(model, example)
+    qdq = QDQBuilder(graph, activation_ranges(graph, names, [calibration]))
+    deployed = {}
+    for key, plan in plans.items():
+        built = qdq.build(plan)
+        deployed[key] = DeployedModel(plan, built, ort_session(built.SerializeToString(), threads), threads)
+    return deployed
+
+
+def bench_model(
+    name: str, runtime: str, threads: int, samples_per_layer: float, rounds: int, engine: str, refine_rounds: int = 6
+) -> dict:
+    """Profile one model cold and warm in ``runtime``, then compare predictions with measurements of six plans."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     example = torch.randn(1, 3, 224, 224)
     layers = trace_layers(model, example).layers
     names = [layer.name for layer in layers]
     with tempfile.TemporaryDirectory() as cache:
-        target = CPUTarget(threads=threads, samples_per_layer=samples_per_layer, cache_dir=cache, progress=False)
+        target = CPUTarget(
+            runtime=runtime,
+            threads=threads,
+            engine=engine if runtime == "torch" else "x86",
+            samples_per_layer=samples_per_layer,
+            cache_dir=cache,
+            progress=False,
+        )
         started = time.perf_counter()
         table = target.costs(layers, model=model, example_inputs=example)
         cold_s = time.perf_counter() - started
@@ -70,12 +107,7 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int, 
         "random_30": {n: "w8a8" if rng.random() < 0.3 else "fp32" for n in names},
         "random_70": {n: "w8a8" if rng.random() < 0.7 else "fp32" for n in names},
     }
-    graph = export_onnx(model, example)
-    builder = QDQBuilder(graph, activation_ranges(graph, names, [torch.randn(2, 3, 224, 224)]))
-    deployed = {}
-    for key, plan in plans.items():
-        qdq = builder.build(plan)
-        deployed[key] = DeployedModel(plan, qdq, ort_session(qdq.SerializeToString(), threads), threads)
+    deployed = deploy_plans(model, example, plans, runtime, threads, engine)
     timings = measure_latency(list(deployed.values()), example, settings=TimingSettings(max_seconds=3.0), rounds=rounds)
     measured_ms = {key: timing.median_ms for key, timing in zip(deployed, timings, strict=True)}
     results = {}
@@ -94,6 +126,7 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int, 
             "rel_error_of_ratio_to_fp32": round((ratio_predicted - ratio_measured) / ratio_measured, 3),
         }
     return {
+        "runtime": table.meta["runtime_version"],
         "layers": len(names),
         "plans": results,
         "max_abs_rel_error": max(abs(r["rel_error"]) for r in results.values()),
@@ -108,13 +141,25 @@ def bench_model(name: str, threads: int, samples_per_layer: float, rounds: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenetv3_small_100", "mobilenetv3_large_100"])
+    parser.add_argument("--runtime", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
+    parser.add_argument("--engine", default="x86", help="torch's quantized engine (torch runtime only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples-per-layer", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     set_threads(args.threads)
-    results = {m: bench_model(m, args.threads, args.samples_per_layer, args.rounds) for m in args.models}
-    print(json.dumps({"bench": "oqa_fidelity", "runtime": "onnxruntime", "threads": args.threads, "models": results}))
+    results = {
+        runtime: {
+            "models": {
+                m: bench_model(m, runtime, args.threads, args.samples_per_layer, args.rounds, args.engine)
+                for m in args.models
+            }
+        }
+        for runtime in args.runtime
+    }
+    if "torch" in results:
+        results["torch"]["engine"] = args.engine
+    print(json.dumps({"bench": "oqa_fidelity", "threads": args.threads, "runtimes": results}))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def test_the_torch_runtime_measures_in_context_and_fits_a_cost_table(traced, tmp
     assert "BatchNorm folded" in meta["reference"]
     fit = meta["fit"]
     assert fit["measured_now"] == fit["samples"] > fit["unknowns"] / 2 and fit["fp32_ms"] > 0 and fit["int8_ms"] > 0
+    assert 0 <= fit["retimed"] <= fit["samples"]  # samples the first fit missed badly were timed twice more
 
 
 def test_the_torch_runtime_reads_its_own_cache_on_a_second_profile(traced, tmp_path):
@@ -181,3 +182,24 @@ def test_search_on_the_torch_runtime_meets_a_latency_budget(traced, tmp_path):
         model, example, target=target, latency_budget=budget, num_samples=4, distill_steps=2, progress=False
     )
     assert plan.predicted["latency_ms"] <= budget * (1 + 1e-9) and plan.target == "cpu"
+
+
+def test_a_sample_the_fit_misses_is_flagged_for_timing_again():
+    import itertools
+
+    import numpy as np
+
+    from ohq_lightning.hardware.cpu import _fit, _outliers
+
+    kappa, transitions = np.array([-1.0, -2.0, 0.5, -0.5]), np.array([0.3, 0.2, 0.1])
+    measured = {}
+    for combo in itertools.product("01", repeat=4):
+        bits = "".join(combo)
+        x = np.array([c == "1" for c in bits], dtype=float)
+        measured[bits] = 10.0 + x @ kappa + np.abs(np.diff(x)) @ transitions
+    skewed = "0110"
+    measured[skewed] *= 1.4  # a burst of load during this sample's window
+    base, fitted_kappa, fitted_transitions, _ = _fit(measured, 4, seed=0)
+    flagged = _outliers(measured, base, fitted_kappa, fitted_transitions, candidates=set(measured))
+    assert flagged[0] == skewed
+    assert _outliers(measured, base, fitted_kappa, fitted_transitions, candidates={"0000"}) == []

@@ -15,8 +15,9 @@ deploys the real network with a set of layers on ORT's integer kernels (the QDQ 
 :mod:`ohq_lightning.deploy.onnx_qdq`), times it end to end alternately with the all-FP32 graph
 (so that the ratio between them survives the drift of a shared machine), and repeats for the
 all-INT8 graph and random mixes. (In the torch runtime the FP32 reference is the float FX graph
-with BatchNorm folded into the convolutions, the graph every torch mix keeps its float layers in;
-the eager model with separate BatchNorms was 5-20% slower at 1 thread.) It then fits an additive
+with BatchNorm folded into the convolutions, in channels-last layout: the graph every torch mix
+keeps its float layers in, and the fastest FP32 torch deployment measured here, 0.83x (ResNet-18)
+and 0.68x (MobileNetV3-large) the eager model's time at 1 thread.) It then fits an additive
 model to those measurements by least squares::
 
     latency(plan) = base + sum(kappa[l] for integer layers l) + sum(T[i] for boundaries i that change precision)
@@ -25,7 +26,12 @@ where a boundary is the pair of consecutive layers in forward order (an approxim
 graph's edges, exact for chains) and ``T >= 0``. ``base`` becomes the cost table's
 ``base_latency_ms``, ``kappa`` the latency of a layer's integer options (a signed delta against
 FP32, whose entry is 0), ``T`` its ``transition_ms``. The fit's residuals and a hold-out error
-are recorded in the table's ``meta["fit"]``. Measurements are cached per device configuration and
+are recorded in the table's ``meta["fit"]``. A sample the first fit misses by more than
+``max(3 x the median miss, 5%)`` is timed twice more and the median of its three measurements
+kept, then the fit is redone: on a shared machine a burst of load during one sample's window
+skews its ratio (re-timing the 12 worst samples of a MobileNetV3-small profile taken on a busy
+machine moved them by up to 45%, while their two re-timings agreed within 3%), and one skewed
+sample distorts the least-squares fit around it. Measurements are cached per device configuration and
 network architecture, so a second search of the same model does not measure again; an interrupted
 profile resumes from what was saved.
 
@@ -66,6 +72,7 @@ RUNTIMES = ("onnxruntime", "torch")
 _RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch": "torch"}
 _P_INTEGER = (0.2, 0.5, 0.8)
 _METHOD = "in-context-qdq-v2-ratio-to-fp32"
+_RETIME_FACTOR, _RETIME_FLOOR = 3.0, 0.05  # a sample the first fit misses by more is timed twice more
 _REFERENCE = "reference:fp32_ms"  # bump when what a sample measures changes, so old caches are not reused
 
 
@@ -116,7 +123,7 @@ class CPUTarget:
     Args:
         runtime: ``"onnxruntime"`` (the default deployment runtime; u8s8 QDQ on its int8 kernels) or
             ``"torch"`` (torch's int8 kernels through FX graph mode quantization; FP32 reference: the
-            float FX graph with BatchNorm folded).
+            float FX graph with BatchNorm folded, channels-last).
         threads: intra-op threads of every session (1 gives the most repeatable figures); in the
             torch runtime they are torch's process-wide threads, set once per process.
         engine: torch's quantized engine for the torch runtime: ``"x86"`` (default; fbgemm/oneDNN),
@@ -233,24 +240,42 @@ class CPUTarget:
                 samples.append(bits)
         todo = [bits for bits in samples if self.force or cache.get(bits) is None]
         reference_ms: list[float] = []
-        for done, bits in enumerate(progress_bar(todo, desc="OQA: timing deployed graphs", enabled=self.progress)):
+
+        def time_sample(bits: str) -> Timing:
             timed, ref = time_interleaved([deployment.build(bits), deployment.reference], self.timing)
             reference_ms.append(ref.median_ms)
-            # Each entry is the ratio to the FP32 graph timed alternately with it: drift of a shared
-            # machine cancels out.
-            cache.put(bits, Timing(timed.median_ms / ref.median_ms, timed.spread, timed.repeats))
+            # The ratio to the FP32 graph timed alternately with it: drift of a shared machine cancels out.
+            return Timing(timed.median_ms / ref.median_ms, timed.spread, timed.repeats)
+
+        for done, bits in enumerate(progress_bar(todo, desc="OQA: timing deployed graphs", enabled=self.progress)):
+            cache.put(bits, time_sample(bits))
             if done % 10 == 9:
                 cache.put(_REFERENCE, Timing(statistics.median(reference_ms), 0.0, len(reference_ms)))
                 cache.save()  # an interrupted profile resumes from here
         if reference_ms:
             cache.put(_REFERENCE, Timing(statistics.median(reference_ms), 0.0, len(reference_ms)))
         cache.save()
-        fp32_ms = cache.get(_REFERENCE).median_ms  # type: ignore[union-attr]
-        measured = {bits: cache.get(bits).median_ms * fp32_ms for bits in samples}  # type: ignore[union-attr]
-        base, kappa, transitions, fit = _fit(measured, len(names), self.seed)
+
+        def fitted() -> tuple[float, np.ndarray, np.ndarray, dict[str, Any], dict[str, float]]:
+            fp32_ms = cache.get(_REFERENCE).median_ms  # type: ignore[union-attr]
+            measured = {bits: cache.get(bits).median_ms * fp32_ms for bits in samples}  # type: ignore[union-attr]
+            return (*_fit(measured, len(names), self.seed), measured)
+
+        base, kappa, transitions, fit, measured = fitted()
+        retimed = _outliers(measured, base, kappa, transitions, candidates=set(todo))
+        for bits in progress_bar(retimed, desc="OQA: timing outliers again", enabled=self.progress):
+            first = cache.get(bits)
+            assert first is not None
+            timings = sorted([first, time_sample(bits), time_sample(bits)], key=lambda timing: timing.median_ms)
+            cache.put(bits, timings[1])  # the median of three measurements
+        if retimed:
+            cache.put(_REFERENCE, Timing(statistics.median(reference_ms), 0.0, len(reference_ms)))
+            cache.save()
+            base, kappa, transitions, fit, measured = fitted()
         fit.update(
             measured_now=len(todo),
             from_cache=len(samples) - len(todo),
+            retimed=len(retimed),
             layers_int8_slower=[name for name, delta in zip(names, kappa, strict=True) if delta > 0],
         )
 
@@ -347,8 +372,23 @@ class CPUTarget:
             f"torch-{torch.__version__}-{self.engine}",
             deployed("0" * len(names)).runner(example_inputs),
             lambda bits: deployed(bits).runner(example_inputs),
-            {"engine": self.engine, "reference": "the float FX graph, BatchNorm folded"},
+            {"engine": self.engine, "reference": "the float FX graph, BatchNorm folded, channels-last"},
         )
+
+
+def _outliers(
+    measured: Mapping[str, float],
+    base: float,
+    kappa: np.ndarray,
+    transitions: np.ndarray,
+    *,
+    candidates: set[str],
+) -> list[str]:
+    """The candidate samples the fit misses by more than ``max(3 x its median miss, 5%)``, worst first."""
+    solution = np.concatenate([[base], kappa, transitions])
+    miss = {bits: abs(float(_design(bits) @ solution) - value) / value for bits, value in measured.items()}
+    limit = max(_RETIME_FACTOR * statistics.median(miss.values()), _RETIME_FLOOR)
+    return sorted((bits for bits in candidates if miss[bits] > limit), key=lambda bits: -miss[bits])
 
 
 def _design(bits: str) -> np.ndarray:
