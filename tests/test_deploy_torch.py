@@ -152,7 +152,7 @@ def test_a_model_with_a_plan_is_deployed_from_its_float_weights_and_left_alone(e
     assert same_state(plain, before) and type(plain.stem[0]) is nn.Conv2d
 
 
-def test_elementwise_ops_follow_their_inputs(residual):
+def test_elementwise_ops_follow_their_largest_input(residual):
     model, example = residual
     names = ["stem.0", "conv_a.0", "conv_b.0", "se_reduce", "se_expand", "fc"]
     int8 = uniform_torch(model, "w8a8", example)
@@ -161,9 +161,13 @@ def test_elementwise_ops_follow_their_inputs(residual):
     assert code.count("quantize_per_tensor(") == 1 and code.count(".dequantize()") == 1
     assert "quantized.add" in code and "quantized.mul" in code
     builder = TorchInt8Builder(model, example)
-    nodes = builder.int8_nodes({"stem.0", "conv_a.0", "conv_b.0"})  # squeeze-excite convs and fc in float
-    assert "mean" in nodes  # reads the int8 conv_b output
-    assert not {"gate", "mul", "add", "fc"} & nodes  # the gate is float, so are the multiply and the add after it
+    # squeeze-excite convs and fc in float: the excite multiply follows its large int8 input (the small
+    # float gate is quantized instead), and so does the residual add after it
+    nodes = builder.int8_nodes({"stem.0", "conv_a.0", "conv_b.0"})
+    assert {"mean", "mul", "add"} <= nodes and not {"gate", "fc"} & nodes
+    # the residual add reads two tensors of one size: it follows the one computed last (the main branch)
+    assert "add" not in builder.int8_nodes({"stem.0"}) and "add" in builder.int8_nodes({"conv_b.0"})
+    assert "mul" not in builder.int8_nodes({"se_reduce", "se_expand"})  # an int8 gate on a float activation
     with torch.no_grad():
         reference = model(example).numpy()
     rng = random.Random(0)

@@ -23,19 +23,39 @@ graph:
   ResNet-18 the additive latency fit then missed by up to 29%; channels-last: within 5%).
 
 **Elementwise and shape ops between layers** (add, ReLU, Hardswish, pooling, mean, flatten, the
-squeeze-excite multiply, ...) follow their inputs: an op runs in int8 when *every* tensor it
-reads is int8 (the output of an int8 layer or of another int8 op), else in float. So uniform
-int8 is torch's normal FX int8 graph (quantized add/add-ReLU/mul/Hardswish, pooling on uint8),
-and a mix pays for exactly the conversions it implies: a dequantize where an int8 region feeds a
-float op, a quantize where a float tensor feeds an int8 layer. (An op torch has no int8 kernel for
-stays float whatever its inputs.) Measured at 1x3x224x224, 1 thread, interleaved medians, as a
-ratio to the FP32 graph (float FX graph with BatchNorm folded; the machine was busy, so ratios
-only): uniform int8 with this rule ran at 0.26x (ResNet-18) and 0.75x (MobileNetV3-large), torch's
-default FX int8 flow at 0.27x and 1.38x (timm's BatchNormAct2d stays a float batch_norm there),
-and with every op between layers left in float ("layers only": a dequantize/quantize pair around
-each add, activation and pooling) at 0.28x and 0.83x. The rule also keeps clear of a pitfall of
-FX's lowering, which turns a float ReLU/pooling fed by a dequantize and feeding a quantize into
-an int8 op even when another consumer expects float: with this rule such an op is int8 anyway.
+squeeze-excite multiply, ...) **follow their largest input**: an op with one tensor input takes
+its precision; an op with several (add, multiply) runs in int8 when its largest input is int8 --
+among inputs of one size, the one computed last -- and the other inputs are converted to it. (An
+op torch has no int8 kernel for stays float whatever its inputs.) So uniform int8 is torch's
+normal FX int8 graph (quantized add/add-ReLU/mul/Hardswish, pooling on uint8), and a mix pays for
+the conversions it implies, converting the cheaper side: a float squeeze-excite gate is quantized
+(a few values per channel) rather than the activation it scales dequantized, and a float layer
+in a residual stream converts its own branch at the add instead of turning every later add of
+the stream to float, as "int8 only when every input is int8" did. No conversion cascades: each
+depends on the precisions of two layers only, its producer's and its consumer's, which suits the
+additive latency model of :class:`~ohq_lightning.hardware.CPUTarget` (per-layer deltas plus
+transitions between consecutive layers) better.
+Measured at 1x3x224x224, 1 thread, interleaved medians (a shared, busy machine: read the ratios to
+the FP32 graph -- float FX graph, BatchNorm folded, channels-last -- not the milliseconds):
+
+============================================  ==========  ===================
+graph                                         ResNet-18   MobileNetV3-large
+============================================  ==========  ===================
+FP32 graph                                    1.00        1.00
+eager FP32 model                              1.30        1.28
+torch's default FX int8 (``prepare_fx``)      0.32        1.38 (BatchNormAct2d stays a float batch_norm)
+uniform int8, this rule                       0.27        0.73
+uniform int8, ops between layers in float     0.33        0.79
+random half-int8 mix, this rule               0.77        0.99
+... int8 only when every input is int8        0.77        0.98
+... ops between layers in float               0.78        0.95
+SE convs float, rest int8, this rule          --          0.76
+... int8 only when every input is int8        --          0.78
+============================================  ==========  ===================
+
+The rule also keeps clear of a pitfall of FX's lowering, which turns a float ReLU/pooling fed by a
+dequantize and feeding a quantize into an int8 op even when another consumer expects float: a
+one-input op here always has its input's precision.
 
 Quantization parameters come, in order of preference, from the model itself and then from
 calibration:
@@ -243,13 +263,17 @@ def _first_conv(module: nn.Module) -> nn.Module:
 class _Recorder(torch.fx.Interpreter):
     """Runs a float graph and records the min/max of every tensor it computes, by node name."""
 
-    def __init__(self, module: torch.fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> None:
+    def __init__(
+        self, module: torch.fx.GraphModule, ranges: dict[str, tuple[float, float]], sizes: dict[str, int]
+    ) -> None:
         super().__init__(module)
         self.ranges = ranges
+        self.sizes = sizes
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor) and result.is_floating_point() and result.numel():
+            self.sizes[n.name] = result.numel() // max(result.shape[0], 1) if result.dim() else 1
             low, high = float(result.min()), float(result.max())
             if n.name in self.ranges:
                 old = self.ranges[n.name]
@@ -423,7 +447,8 @@ class TorchInt8Builder:
             conv = _first_conv(self.fused.get_submodule(name))
             self._weights[name] = _LayerWeight(conv.weight.detach().clone(), originals[name], learned.get(name))
         self.ranges: dict[str, tuple[float, float]] = {}
-        recorder = _Recorder(self.fused, self.ranges)
+        self.sizes: dict[str, int] = {}  # elements per sample of each tensor
+        recorder = _Recorder(self.fused, self.ranges, self.sizes)
         with torch.no_grad():
             for batch in calibration_inputs or [self.example_inputs]:
                 recorder.run(batch.detach().float().cpu())
@@ -472,6 +497,7 @@ class TorchInt8Builder:
         """Names of the fused graph's nodes that run in int8 when ``integer_layers`` do (the rule above)."""
         layer_targets = set(self._layer_nodes)
         int8: set[str] = set()
+        order = {node.name: index for index, node in enumerate(self.fused.graph.nodes)}
         for node in self.fused.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -480,8 +506,10 @@ class TorchInt8Builder:
                     int8.add(node.name)
                 continue
             inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
-            if inputs and all(arg.name in int8 for arg in inputs):
-                int8.add(node.name)
+            if inputs:  # follow the largest input; among equals, the one computed last
+                chosen = max(inputs, key=lambda arg: (self.sizes.get(arg.name, 0), order[arg.name]))
+                if chosen.name in int8:
+                    int8.add(node.name)
         return int8
 
     def build(self, plan: QuantPlan | Mapping[str, str]) -> torch.fx.GraphModule:

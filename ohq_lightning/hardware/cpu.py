@@ -16,8 +16,8 @@ deploys the real network with a set of layers on ORT's integer kernels (the QDQ 
 (so that the ratio between them survives the drift of a shared machine), and repeats for the
 all-INT8 graph and random mixes. (In the torch runtime the FP32 reference is the float FX graph
 with BatchNorm folded into the convolutions, in channels-last layout: the graph every torch mix
-keeps its float layers in, and the fastest FP32 torch deployment measured here, 0.83x (ResNet-18)
-and 0.68x (MobileNetV3-large) the eager model's time at 1 thread.) It then fits an additive
+keeps its float layers in, and the fastest FP32 torch deployment measured here, 0.77x (ResNet-18)
+and 0.78x (MobileNetV3-large) the eager model's time at 1 thread.) It then fits an additive
 model to those measurements by least squares::
 
     latency(plan) = base + sum(kappa[l] for integer layers l) + sum(T[i] for boundaries i that change precision)
