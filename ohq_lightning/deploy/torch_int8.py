@@ -446,17 +446,23 @@ class TorchInt8Builder:
         for name in self._layer_nodes:
             conv = _first_conv(self.fused.get_submodule(name))
             self._weights[name] = _LayerWeight(conv.weight.detach().clone(), originals[name], learned.get(name))
-        self.ranges: dict[str, tuple[float, float]] = {}
-        self.sizes: dict[str, int] = {}  # elements per sample of each tensor
-        recorder = _Recorder(self.fused, self.ranges, self.sizes)
-        with torch.no_grad():
-            for batch in calibration_inputs or [self.example_inputs]:
-                recorder.run(batch.detach().float().cpu())
+        self._calibration = [batch.detach().float().cpu() for batch in calibration_inputs or [self.example_inputs]]
+        self._ranges: dict[str, tuple[float, float]] = {}
+        self._sizes: dict[str, int] = {}  # elements per sample of each tensor
         self._learned_inputs: dict[str, tuple[float, float]] = {}
         for name, found in learned.items():
             window = _learned_range(found)
             if window is not None and name in self._layer_nodes:
                 self._learned_inputs[name] = window
+
+    def _statistics(self) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
+        """Each tensor's float range over the calibration batches and its size, recorded on first use."""
+        if not self._sizes:
+            recorder = _Recorder(self.fused, self._ranges, self._sizes)
+            with torch.no_grad():
+                for batch in self._calibration:
+                    recorder.run(batch)
+        return self._ranges, self._sizes
 
     def architecture_key(self) -> str:
         """A hash of the fused graph (ops, wiring, module types and shapes), not of the weight values."""
@@ -498,6 +504,7 @@ class TorchInt8Builder:
         layer_targets = set(self._layer_nodes)
         int8: set[str] = set()
         order = {node.name: index for index, node in enumerate(self.fused.graph.nodes)}
+        sizes = self._statistics()[1]
         for node in self.fused.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -507,7 +514,7 @@ class TorchInt8Builder:
                 continue
             inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
             if inputs:  # follow the largest input; among equals, the one computed last
-                chosen = max(inputs, key=lambda arg: (self.sizes.get(arg.name, 0), order[arg.name]))
+                chosen = max(inputs, key=lambda arg: (sizes.get(arg.name, 0), order[arg.name]))
                 if chosen.name in int8:
                     int8.add(node.name)
         return int8
@@ -597,7 +604,8 @@ class TorchInt8Builder:
             if learned:
                 low, high = min(w[0] for w in learned), max(w[1] for w in learned)
             else:
-                windows = [self.ranges[n] for n in names if n in self.ranges]
+                ranges = self._statistics()[0]
+                windows = [ranges[n] for n in names if n in ranges]
                 if not windows:
                     raise RuntimeError(f"no recorded range for the tensors {names}")
                 low, high = min(w[0] for w in windows), max(w[1] for w in windows)

@@ -93,13 +93,15 @@ class _Deployment:
     """The per-runtime seam: what the measurement loop needs from a runtime.
 
     ``build(bits)`` returns a zero-argument runner of the network with the layers whose bit is
-    ``"1"`` on integer kernels; ``reference`` runs the all-FP32 deployment; ``graph_key`` hashes the
-    architecture and ``version`` names the runtime (and engine) for the cache fingerprint.
+    ``"1"`` on integer kernels; ``reference()`` returns the runner of the all-FP32 deployment (built
+    only when something is to be timed, so a profile read from the cache builds nothing);
+    ``graph_key`` hashes the architecture and ``version`` names the runtime (and engine) for the
+    cache fingerprint.
     """
 
     graph_key: str
     version: str
-    reference: Callable[[], Any]
+    reference: Callable[[], Callable[[], Any]]
     build: Callable[[str], Callable[[], Any]]
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -240,9 +242,11 @@ class CPUTarget:
                 samples.append(bits)
         todo = [bits for bits in samples if self.force or cache.get(bits) is None]
         reference_ms: list[float] = []
+        reference = deployment.reference() if todo else None
 
         def time_sample(bits: str) -> Timing:
-            timed, ref = time_interleaved([deployment.build(bits), deployment.reference], self.timing)
+            assert reference is not None
+            timed, ref = time_interleaved([deployment.build(bits), reference], self.timing)
             reference_ms.append(ref.median_ms)
             # The ratio to the FP32 graph timed alternately with it: drift of a shared machine cancels out.
             return Timing(timed.median_ms / ref.median_ms, timed.spread, timed.repeats)
@@ -330,8 +334,10 @@ class CPUTarget:
             raise ValueError(f"layers {missing} have no node in the exported ONNX graph; they cannot be measured")
         ranges = activation_ranges(graph, names, [gaussian_inputs(example_inputs, 2, seed=self.seed)])
         feed = {"x": np.asarray(example_inputs.detach().cpu().numpy(), dtype=np.float32)}
-        reference = ort_session(graph.SerializeToString(), self.threads)
         builder = QDQBuilder(graph, ranges)
+
+        def reference() -> Callable[[], Any]:
+            return functools.partial(ort_session(graph.SerializeToString(), self.threads).run, None, feed)
 
         def build(bits: str) -> Callable[[], Any]:
             chosen = {name: "w8a8" for name, bit in zip(names, bits, strict=True) if bit == "1"}
@@ -341,7 +347,7 @@ class CPUTarget:
         return _Deployment(
             _graph_key(graph),
             f"onnxruntime-{onnxruntime.__version__}",
-            functools.partial(reference.run, None, feed),
+            reference,
             build,
             {"reference": "the float ONNX graph"},
         )
@@ -370,7 +376,7 @@ class CPUTarget:
         return _Deployment(
             builder.architecture_key(),
             f"torch-{torch.__version__}-{self.engine}",
-            deployed("0" * len(names)).runner(example_inputs),
+            lambda: deployed("0" * len(names)).runner(example_inputs),
             lambda bits: deployed(bits).runner(example_inputs),
             {"engine": self.engine, "reference": "the float FX graph, BatchNorm folded, channels-last"},
         )
