@@ -99,7 +99,7 @@ from ohq_lightning.plan import Option, QuantPlan
 from ohq_lightning.quant.export import LearnedQuantization, learned_quantization
 from ohq_lightning.quant.fake_quant import int_range, mse_scale
 
-__all__ = ["ENGINES", "TorchDeployedModel", "TorchInt8Builder", "convert_torch", "uniform_torch"]
+__all__ = ["ENGINES", "TorchDeployedModel", "TorchInt8Builder", "convert_torch", "quantized_engine", "uniform_torch"]
 
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "onednn", "qnnpack")
 _DROPPED = (nn.Identity, nn.Dropout)
