@@ -59,33 +59,19 @@ def train(name: str, weights: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from ohq_lightning.cli.data import build_data
-    from ohq_lightning.cli.model import Classifier, build_model
+    from ohq_lightning.cli.model import build_model, classifier, fit_quietly
 
     cfg = recipe(name)
     pl.seed_everything(cfg.seed, verbose=False)
     data = build_data("digits", image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, seed=cfg.data.seed)
-    module = Classifier(
-        build_model(name, num_classes=data.num_classes),
-        lr=cfg.train.lr,
-        epochs=cfg.train.epochs,
-        weight_decay=cfg.train.weight_decay,
-        optimizer=cfg.train.optimizer,
-    )
-    started = time.perf_counter()
-    pl.Trainer(
-        accelerator="cpu",
-        max_epochs=cfg.train.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, data.train_loader())
+    module = classifier(build_model(name, num_classes=data.num_classes), cfg.train)
+    seconds = fit_quietly(module, data.train_loader(), cfg.train.epochs)
     torch.save(module.model.state_dict(), weights)
     return {
         "image_size": cfg.data.image_size,
         "epochs": cfg.train.epochs,
         "optimizer": cfg.train.optimizer,
-        "train_s": round(time.perf_counter() - started, 1),
+        "train_s": round(seconds, 1),
     }
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ohq_lightning.callback import OHQCallback
 from ohq_lightning.cli.data import digits_split
-from ohq_lightning.cli.model import Classifier
+from ohq_lightning.cli.model import Classifier, fit_quietly
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.quant import quantized_layers
 
@@ -66,24 +66,6 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(labels)
 
 
-def fit(module: Classifier, loader: DataLoader, epochs: int, root: str, callbacks: list[pl.Callback]) -> float:
-    """Fit ``module`` for ``epochs`` epochs on the CPU, quietly; return the seconds it took."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
-    started = time.perf_counter()
-    trainer.fit(module, loader)
-    return time.perf_counter() - started
-
-
 def quantize(
     network: nn.Module,
     data: dict[str, torch.Tensor],
@@ -103,14 +85,16 @@ def quantize(
     search = OHQCallback(
         compression_ratio=ratio, options=list(OPTIONS), synthetic=synthetic, finetune=False, seed=seed, progress=False
     )
-    seconds["search_and_calibrate"] = fit(calibrated, train_loader(data, seed=seed), 1, root, [search])
+    loader = train_loader(data, seed=seed)
+    seconds["search_and_calibrate"] = fit_quietly(calibrated, loader, 1, callbacks=[search], root=root)
     plan: QuantPlan = search.plan
     calibrated_acc = accuracy(calibrated, data["x_test"], data["y_test"])
 
     pl.seed_everything(seed, verbose=False)
     qat = Classifier(copy.deepcopy(network).train(), lr=qat_lr, epochs=qat_epochs)
     given = OHQCallback(plan=plan, finetune=True, seed=seed, progress=False)
-    seconds["calibrate_and_qat"] = fit(qat, train_loader(data, seed=seed), qat_epochs, root, [given])
+    loader = train_loader(data, seed=seed)
+    seconds["calibrate_and_qat"] = fit_quietly(qat, loader, qat_epochs, callbacks=[given], root=root)
     qat_acc = accuracy(qat, data["x_test"], data["y_test"])
     applied = {name: layer.option for name, layer in quantized_layers(qat).items()}
     return {
@@ -143,7 +127,7 @@ def run(
         pl.seed_everything(seed, verbose=False)
         network = timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=3)
         float_module = Classifier(network, lr=lr, epochs=epochs)
-        float_seconds = fit(float_module, train_loader(data, seed=seed), epochs, root, [])
+        float_seconds = fit_quietly(float_module, train_loader(data, seed=seed), epochs, root=root)
         float_acc = accuracy(float_module, data["x_test"], data["y_test"])
         runs = [
             quantize(

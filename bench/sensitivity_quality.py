@@ -47,7 +47,6 @@ import logging
 import math
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -66,7 +65,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ohq_lightning.api import search
 from ohq_lightning.cli.config import TrainConfig
 from ohq_lightning.cli.data import digits_split
-from ohq_lightning.cli.model import Classifier
+from ohq_lightning.cli.model import Classifier, fit_quietly
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import SensitivityTable
 from ohq_lightning.quant import apply_plan, calibrate, strip_plan
@@ -121,20 +120,7 @@ def train(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-        )
-        started = time.perf_counter()
-        trainer.fit(module, loader)
-        seconds = time.perf_counter() - started
+    seconds = fit_quietly(module, loader, epochs)
     return network.eval(), seconds
 
 

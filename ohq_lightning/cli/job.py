@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ohq_lightning.cli.config import JobConfig, OHQConfig
 from ohq_lightning.cli.data import ImageData, build_data
 from ohq_lightning.cli.evaluate import evaluate_plan
-from ohq_lightning.cli.model import Classifier, build_model
+from ohq_lightning.cli.model import build_model, classifier
 from ohq_lightning.hardware.timing import TimingSettings, set_threads
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.report import format_plan_table, format_table
@@ -155,13 +155,7 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
     network = build_model(
         cfg.model.name, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained
     )
-    float_module = Classifier(
-        network,
-        lr=cfg.train.lr,
-        epochs=cfg.train.epochs,
-        weight_decay=cfg.train.weight_decay,
-        optimizer=cfg.train.optimizer,
-    )
+    float_module = classifier(network, cfg.train)
     trained_here = cfg.model.checkpoint is None and cfg.train.epochs > 0
     if trained_here:
         _log.info("training the float model for %d epochs on %s", cfg.train.epochs, data.name)
@@ -187,12 +181,8 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
         progress=cfg.trainer.progress_bar,
         **objective(cfg.ohq),
     )
-    qat_module = Classifier(
-        copy.deepcopy(float_module.model),
-        lr=cfg.ohq.qat_lr,
-        epochs=max(cfg.ohq.qat_epochs, 1),
-        weight_decay=cfg.train.weight_decay,
-        optimizer=cfg.train.optimizer,
+    qat_module = classifier(
+        copy.deepcopy(float_module.model), cfg.train, lr=cfg.ohq.qat_lr, epochs=max(cfg.ohq.qat_epochs, 1)
     )
     qat_module.train()
     _trainer(cfg, root, "qat", max(cfg.ohq.qat_epochs, 1), [callback]).fit(qat_module, data.train_loader())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["OPTIMIZERS", "Classifier", "build_model", "load_weights"]
+from ohq_lightning.cli.config import TrainConfig
+
+__all__ = ["OPTIMIZERS", "Classifier", "build_model", "classifier", "fit_quietly", "load_weights"]
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -163,3 +168,45 @@ class Classifier(pl.LightningModule):
             optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def classifier(
+    model: nn.Module, train: TrainConfig, *, lr: float | None = None, epochs: int | None = None
+) -> Classifier:
+    """A :class:`Classifier` with the optimizer settings of ``train`` (``lr``/``epochs`` override its own)."""
+    return Classifier(
+        model,
+        lr=train.lr if lr is None else lr,
+        epochs=train.epochs if epochs is None else epochs,
+        weight_decay=train.weight_decay,
+        optimizer=train.optimizer,
+    )
+
+
+def fit_quietly(
+    module: pl.LightningModule,
+    loader: Any,
+    epochs: int,
+    *,
+    callbacks: Sequence[pl.Callback] = (),
+    root: str | Path | None = None,
+) -> float:
+    """Fit ``module`` on the CPU for ``epochs`` epochs with no logger, checkpoint or bar; return the seconds.
+
+    Without ``root`` the trainer writes (e.g. an OHQ plan) into a temporary directory.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(root or scratch),
+            callbacks=list(callbacks),
+        )
+        started = time.perf_counter()
+        trainer.fit(module, loader)
+        return time.perf_counter() - started

@@ -182,8 +182,9 @@ def uniform(model: nn.Module, option: str, example_inputs: torch.Tensor, **kwarg
 
     On a fake-quant model, learned grids are used where they fit ``option`` (see :func:`learned_grids`).
     """
-    names = trace_layers(_float_copy(model), example_inputs).names()
-    return convert(model, dict.fromkeys(names, option), example_inputs, **kwargs)
+    from ohq_lightning.deploy.runtimes import uniform_assignment
+
+    return convert(model, uniform_assignment(model, option, example_inputs), example_inputs, **kwargs)
 
 
 def measure_latency(

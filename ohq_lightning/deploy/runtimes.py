@@ -10,7 +10,7 @@ from torch import nn
 
 from ohq_lightning.plan import QuantPlan
 
-__all__ = ["RUNTIMES", "deploy_plan", "deploy_uniform"]
+__all__ = ["RUNTIMES", "deploy_plan", "deploy_uniform", "uniform_assignment"]
 
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch")
 """Deployment runtimes: ONNX Runtime (QDQ graph on its int8 kernels) and torch (FX int8 kernels)."""
@@ -46,8 +46,14 @@ def deploy_uniform(
     model: nn.Module, option: str, example_inputs: torch.Tensor, *, runtime: str = "onnxruntime", **kwargs: Any
 ) -> Any:
     """Deploy ``model`` with every quantizable layer at ``option`` (``"fp32"``, ``"w8a8"``) on ``runtime``."""
+    return deploy_plan(
+        model, uniform_assignment(model, option, example_inputs), example_inputs, runtime=runtime, **kwargs
+    )
+
+
+def uniform_assignment(model: nn.Module, option: str, example_inputs: torch.Tensor) -> dict[str, str]:
+    """Every quantizable layer of ``model`` (the float layers of a fake-quant model) at ``option``."""
     from ohq_lightning.deploy.ort import _float_copy
     from ohq_lightning.layers import trace_layers
 
-    names = trace_layers(_float_copy(model), example_inputs).names()
-    return deploy_plan(model, dict.fromkeys(names, option), example_inputs, runtime=runtime, **kwargs)
+    return dict.fromkeys(trace_layers(_float_copy(model), example_inputs).names(), option)

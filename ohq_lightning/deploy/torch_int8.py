@@ -655,5 +655,6 @@ def convert_torch(
 
 def uniform_torch(model: nn.Module, option: str, example_inputs: torch.Tensor, **kwargs: Any) -> TorchDeployedModel:
     """Deploy ``model`` with every quantizable layer at ``option`` (e.g. ``"w8a8"``), like :func:`convert_torch`."""
-    names = trace_layers(_float_copy(model), example_inputs).names()
-    return convert_torch(model, dict.fromkeys(names, option), example_inputs, **kwargs)
+    from ohq_lightning.deploy.runtimes import uniform_assignment
+
+    return convert_torch(model, uniform_assignment(model, option, example_inputs), example_inputs, **kwargs)
