@@ -51,7 +51,13 @@ CALIBRATION_SOURCES = ("train", "synthetic")
 """Where :class:`OHQCallback` takes its calibration batches from (``None`` skips calibration)."""
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-_QUANT_STATE_SUFFIXES = (".weight_quantizer.scale", ".input_quantizer.scale", ".input_quantizer.calibrated")
+_QUANT_STATE_SUFFIXES = (
+    ".weight_quantizer.log_scale",
+    ".input_quantizer.log_scale",
+    ".input_quantizer.calibrated",
+    ".weight_quantizer.scale",  # checkpoints written before step sizes were learned in log space
+    ".input_quantizer.scale",
+)
 _WEIGHTS_ONLY_MESSAGE = (
     "the checkpoint holds fake-quant weights but no OHQ plan (was it saved with save_weights_only=True? that drops "
     "callback states): pass the plan itself, OHQCallback(plan='plan.json') (the plan.json the callback wrote to the "

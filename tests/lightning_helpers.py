@@ -75,7 +75,7 @@ class TinyCNN(pl.LightningModule):
         x, y = batch
         if batch_idx == self.corrupt_at_batch:  # a step size gone bad, as a diverging QAT would leave it
             with torch.no_grad():
-                self.features[3].input_quantizer.scale.fill_(float("nan"))
+                self.features[3].input_quantizer.log_scale.fill_(float("nan"))
         loss = F.cross_entropy(self(x), y)
         if batch_idx == self.nan_at_batch:
             loss = loss * float("nan")
@@ -152,7 +152,7 @@ class FitStartRecorder(pl.Callback):
             "plan": ohq.plan.to_dict() if ohq.plan is not None else None,
             "quantized": {name: layer.option for name, layer in quantized_layers(pl_module).items()},
             "calibrated": [bool(q.calibrated) for q in quantizers],
-            "step_sizes_optimized": all(id(q.scale) in optimized for q in quantizers),
+            "step_sizes_optimized": all(id(q.log_scale) in optimized for q in quantizers),
         }
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

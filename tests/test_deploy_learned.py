@@ -75,8 +75,8 @@ def _multiply_steps(model: nn.Module) -> None:
     with torch.no_grad():
         for index, layer in enumerate(quantized_layers(model).values()):
             factor = 1.25 if index % 2 else 0.8
-            layer.weight_quantizer.scale.mul_(factor)
-            layer.input_quantizer.scale.mul_(1 / factor)
+            layer.weight_quantizer.set_scale(layer.weight_quantizer.scale * factor)
+            layer.input_quantizer.set_scale(layer.input_quantizer.scale / factor)
 
 
 def _train(model: nn.Module, inputs: torch.Tensor, steps: int = 3, lr: float = 1e-3) -> float:
@@ -84,7 +84,7 @@ def _train(model: nn.Module, inputs: torch.Tensor, steps: int = 3, lr: float = 1
 
     Returns the largest relative change of a step size.
     """
-    scales = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("quantizer.scale")}
+    scales = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("quantizer.log_scale")}
     labels = torch.arange(len(inputs)) % 10
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.eval()
@@ -94,7 +94,7 @@ def _train(model: nn.Module, inputs: torch.Tensor, steps: int = 3, lr: float = 1
         loss.backward()
         optimizer.step()
     params = dict(model.named_parameters())
-    return max(float(((params[n].detach() - s).abs() / s.abs()).max()) for n, s in scales.items())
+    return max(float((params[n].detach() - s).exp().sub(1).abs().max()) for n, s in scales.items())
 
 
 def _deviations(model: nn.Module, plan: dict[str, str], calibration: list[torch.Tensor], tests: torch.Tensor):

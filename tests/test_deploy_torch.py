@@ -127,8 +127,8 @@ def test_learned_step_sizes_are_used(example, calibration):
     plan = {"stem.0": "w8a8", "dw.0": "w8a8", "grouped.0": "w8a8", "fc": "w4a8"}
     model = fake_quant_model(plan, calibration)
     with torch.no_grad():  # as if fine-tuned: steps moved away from where calibration put them
-        model.fc.weight_quantizer.scale.mul_(1.3)
-        model.stem[0].input_quantizer.scale.mul_(0.7)
+        model.fc.weight_quantizer.set_scale(model.fc.weight_quantizer.scale * 1.3)
+        model.stem[0].input_quantizer.set_scale(model.stem[0].input_quantizer.scale * 0.7)
     learned = learned_quantization(model)
     deployed = convert_torch(model, plan, example)
     fc = deployed.module.get_submodule("fc").weight()  # a linear layer: no BatchNorm folded into it

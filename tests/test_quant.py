@@ -59,8 +59,54 @@ def test_straight_through_gradients_reach_weights_inputs_and_step_sizes():
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert layer.module.weight.grad is not None and layer.module.weight.grad.abs().sum() > 0
-    assert layer.weight_quantizer.scale.grad is not None
-    assert layer.input_quantizer.scale.grad is not None
+    assert layer.weight_quantizer.log_scale.grad is not None
+    assert layer.input_quantizer.log_scale.grad is not None
+
+
+def _step_size_moves(optimizer_class, lr: float, steps: int = 5) -> torch.Tensor:
+    """Relative change of every weight step size after ``steps`` steps of ``optimizer_class`` on a conv
+    whose step sizes are near 1e-3 (typical of trained weights)."""
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Conv2d(16, 32, 3), "w8a8")
+    with torch.no_grad():
+        layer.module.weight.mul_(0.02)
+    layer.weight_quantizer = WeightFakeQuant(layer.module.weight, 8)  # step sizes of the scaled-down weight
+    before = layer.weight_quantizer.scale.detach().clone()
+    optimizer = optimizer_class(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = layer(torch.randn(4, 16, 8, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return layer.weight_quantizer.scale.detach() / before - 1
+
+
+def test_adam_moves_step_sizes_by_relative_amounts():
+    moves = _step_size_moves(torch.optim.AdamW, lr=3e-4)
+    assert float(moves.abs().max()) < 5 * 3e-4 * 1.05  # about lr per step, relative, whatever the size
+    assert float(moves.abs().max()) > 0
+
+
+def test_sgd_steps_on_step_sizes_stay_finite_and_bounded_under_huge_gradients():
+    layer = QuantLayer(nn.Linear(5, 3), "w4a8")
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    before = layer.weight_quantizer.scale.detach().clone()
+    (layer(torch.randn(8, 5)).sum() * 1e12).backward()
+    optimizer.step()
+    after = layer.weight_quantizer.scale.detach()
+    assert torch.isfinite(after).all()
+    assert float((after / before).log().abs().max()) <= 0.5 + 1e-6  # at most a factor exp(lr)
+
+
+def test_checkpoints_with_linear_step_sizes_still_load():
+    layer = QuantLayer(nn.Linear(5, 3), "w4a8")
+    layer.input_quantizer.calibrate_from(torch.rand(8, 5))
+    state = layer.state_dict()
+    legacy = {k.replace("log_scale", "scale"): (v.exp() if k.endswith("log_scale") else v) for k, v in state.items()}
+    fresh = QuantLayer(nn.Linear(5, 3), "w4a8")
+    fresh.load_state_dict(legacy)
+    assert torch.allclose(fresh.weight_quantizer.scale, layer.weight_quantizer.scale)
+    assert torch.allclose(fresh.input_quantizer.scale, layer.input_quantizer.scale)
 
 
 def test_apply_plan_keeps_the_original_parameters_and_strip_restores_the_model(tiny_net, tiny_input):
@@ -263,7 +309,7 @@ def test_a_quant_layer_around_a_pruned_conv_quantizes_the_pruned_weight(pruned):
     out.square().sum().backward()
     grad = conv.weight_orig.grad
     assert grad is not None and bool((grad[zero] == 0).all()) and bool((grad[~zero] != 0).any())
-    assert layer.weight_quantizer.scale.grad is not None
+    assert layer.weight_quantizer.log_scale.grad is not None
 
     stripped = strip_plan(nn.Sequential(layer))[0]
     assert stripped is conv and is_weight_pruned(conv)  # the pruned conv, as it was

@@ -38,7 +38,7 @@ class LearnedQuantization:
 def learned_quantization(model: nn.Module) -> dict[str, LearnedQuantization]:
     """The learned step sizes of every fake-quant layer of ``model``, by layer name.
 
-    Step sizes are read as the forward uses them (absolute value, clamped above zero), detached
+    Step sizes are read as the forward uses them (``exp(log_scale)``, at least 1e-8), detached
     and on the CPU. A model with no plan applied gives an empty mapping.
 
     Example:
@@ -52,12 +52,12 @@ def learned_quantization(model: nn.Module) -> dict[str, LearnedQuantization]:
         weight_bits = weight_scale = act_bits = input_scale = input_signed = None
         if isinstance(layer.weight_quantizer, WeightFakeQuant):
             weight_bits = layer.weight_quantizer.bits
-            weight_scale = layer.weight_quantizer.scale.detach().abs().clamp_min(1e-8).reshape(-1).float().cpu()
+            weight_scale = layer.weight_quantizer.scale.detach().reshape(-1).float().cpu()
         if isinstance(layer.input_quantizer, ActivationFakeQuant):
             quantizer = layer.input_quantizer
             act_bits = quantizer.bits
             if bool(quantizer.calibrated):
-                input_scale = float(quantizer.scale.detach().abs().clamp_min(1e-8))
+                input_scale = float(quantizer.scale.detach())
                 input_signed = bool(quantizer.signed)
         found[name] = LearnedQuantization(layer.option, weight_bits, weight_scale, act_bits, input_scale, input_signed)
     return found

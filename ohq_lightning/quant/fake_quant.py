@@ -1,6 +1,18 @@
-"""Fake-quantizers with learnable step sizes (LSQ, Esser et al. 2020) and a straight-through estimator."""
+"""Fake-quantizers with learnable step sizes (LSQ, Esser et al. 2020) and a straight-through estimator.
+
+Step sizes are learned in log space (``log_scale``; ``scale`` reads ``exp(log_scale)``). The
+gradient of ``log_scale`` is scaled so that plain SGD moves a step size as LSQ's SGD does (its
+gradient scale ``g = 1 / sqrt(N * Qp)``) while the move is small against the step size, and by at
+most a factor ``exp(lr)`` per step when it is not (where linear LSQ would flip its sign). Adam and
+AdamW, which normalise every gradient, move a step size by a *relative* amount of about ``lr`` per
+step. In linear space they moved it by about ``lr`` in absolute terms, and weight step sizes are
+often near 1e-3: one epoch of AdamW at lr 3e-4 on MobileNetV3-large (digits) scaled them by factors
+from 0.002 to 5 and cost six points of accuracy; in log space they moved by under 0.5%.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,10 +36,45 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ step-size scaling)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
+_MAX_LOG_GRAD = 1.0  # SGD at learning rate lr moves a step size by at most a factor exp(lr) per step
+
+
+class _LogScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; in the backward pass, the gradient times ``factor``, clipped to
+    ``[-_MAX_LOG_GRAD, _MAX_LOG_GRAD]`` (exact for any factor, unlike ``(x - x * f).detach() + x * f``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return (grad * factor).clamp(-_MAX_LOG_GRAD, _MAX_LOG_GRAD), None
+
+
+def _learned_scale(log_scale: torch.Tensor, lsq_factor: float) -> torch.Tensor:
+    """``exp(log_scale)`` (at least ``_MIN_SCALE``), with the gradient that makes a small SGD step on
+    ``log_scale`` move the step size as LSQ's SGD moves it: ``d log_scale = lsq_factor * dL/ds / s``
+    (clipped, so that no single step can overflow the exponential)."""
+    scale = log_scale.exp()
+    factor = lsq_factor / scale.detach().clamp_min(_MIN_SCALE).square()
+    return _LogScaleGrad.apply(log_scale, factor).exp().clamp_min(_MIN_SCALE)
+
+
+def _log_of(scale: torch.Tensor) -> torch.Tensor:
+    return scale.detach().float().abs().clamp_min(_MIN_SCALE).log()
+
+
+class _LogScaleState:
+    """Loads checkpoints written before step sizes were learned in log space (a ``scale`` entry)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        legacy = state_dict.pop(prefix + "scale", None)
+        if legacy is not None and prefix + "log_scale" not in state_dict:
+            state_dict[prefix + "log_scale"] = _log_of(legacy)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -74,10 +121,11 @@ def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) 
     return best.reshape(shape)
 
 
-class WeightFakeQuant(nn.Module):
+class WeightFakeQuant(_LogScaleState, nn.Module):
     """Symmetric per-output-channel weight fake-quant with a learnable step size per channel.
 
-    The step sizes start at the MSE-optimal clipping of the weight they are built for.
+    The step sizes start at the MSE-optimal clipping of the weight they are built for; the learnable
+    parameter is their logarithm, ``log_scale`` (see the module docstring).
 
     Example:
         >>> w = torch.randn(4, 3, 3, 3)
@@ -90,19 +138,28 @@ class WeightFakeQuant(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.qmin, self.qmax = int_range(self.bits, signed=True)
-        self.scale = nn.Parameter(mse_scale(weight, self.bits, signed=True, dim=0))
+        self.log_scale = nn.Parameter(_log_of(mse_scale(weight, self.bits, signed=True, dim=0)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The step sizes in use, one per output channel (shaped to broadcast against the weight)."""
+        return self.log_scale.exp().clamp_min(_MIN_SCALE)
+
+    def set_scale(self, scale: torch.Tensor | float) -> None:
+        """Set the step sizes (positive; a scalar sets every channel)."""
+        with torch.no_grad():
+            self.log_scale.copy_(_log_of(torch.as_tensor(scale)).expand_as(self.log_scale))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight."""
-        factor = (weight[0].numel() * self.qmax) ** -0.5
-        scale = _grad_scale(self.scale, factor).abs().clamp_min(_MIN_SCALE)
+        scale = _learned_scale(self.log_scale, (weight[0].numel() * self.qmax) ** -0.5)
         return fake_quantize(weight, scale.to(weight.dtype), self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel=True, symmetric=True"
 
 
-class ActivationFakeQuant(nn.Module):
+class ActivationFakeQuant(_LogScaleState, nn.Module):
     """Per-tensor fake-quant of a layer's input, on a signed or an unsigned grid.
 
     ``signed`` fixes the grid; ``None`` (the default) leaves it to calibration: unsigned when
@@ -116,13 +173,23 @@ class ActivationFakeQuant(nn.Module):
     def __init__(self, bits: int, signed: bool | None = None) -> None:
         super().__init__()
         self.bits = int(bits)
-        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.log_scale = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else False))
         self.register_buffer("calibrated", torch.tensor(False))
         self._sign_fixed = signed is not None
         self._observing = False
         self._scales: list[torch.Tensor] = []
         self._any_negative = False
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The step size in use (a 0-d tensor; the learnable parameter is ``log_scale``)."""
+        return self.log_scale.exp().clamp_min(_MIN_SCALE)
+
+    def set_scale(self, scale: torch.Tensor | float) -> None:
+        """Set the step size (positive)."""
+        with torch.no_grad():
+            self.log_scale.copy_(_log_of(torch.as_tensor(scale)).reshape(()))
 
     @property
     def int_range(self) -> tuple[int, int]:
@@ -147,7 +214,7 @@ class ActivationFakeQuant(nn.Module):
         signed = bool(self.signed) if self._sign_fixed else self._any_negative
         with torch.no_grad():
             self.signed.fill_(signed)
-            self.scale.copy_(torch.stack(self._scales)[:, int(signed)].mean())
+            self.log_scale.copy_(_log_of(torch.stack(self._scales)[:, int(signed)].mean()))
             self.calibrated.fill_(True)
         self._scales = []
 
@@ -166,7 +233,7 @@ class ActivationFakeQuant(nn.Module):
             self.calibrate_from(x)
         qmin, qmax = self.int_range
         factor = (x[0].numel() * qmax) ** -0.5 if x.dim() > 0 and x.shape[0] > 0 else 1.0
-        scale = _grad_scale(self.scale, factor).abs().clamp_min(_MIN_SCALE)
+        scale = _learned_scale(self.log_scale, factor)
         return fake_quantize(x, scale.to(x.dtype), qmin, qmax)
 
     def extra_repr(self) -> str:
