@@ -153,7 +153,7 @@ class CPUTarget:
     options: tuple[str, ...] = CPU_OPTIONS
     samples_per_layer: float = 3.0
     timing: TimingSettings = field(
-        default_factory=lambda: TimingSettings(warmup=3, min_repeats=10, max_seconds=1.0, rel_spread=0.004)
+        default_factory=lambda: TimingSettings(warmup=3, min_repeats=10, max_seconds=1.0, rel_spread=0.006)
     )
     cache_dir: str | Path | bool | None = None
     force: bool = False
