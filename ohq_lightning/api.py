@@ -124,6 +124,19 @@ def _baseline_scores(
     return table
 
 
+def _check_mqe_inputs(example_inputs: Any) -> None:
+    """Fail before any work when MQE cannot make synthetic inputs for this model, and say what can be used."""
+    from ohq_lightning.synthetic import _example_tensor
+
+    try:
+        _example_tensor(example_inputs)
+    except ValueError as error:
+        raise ValueError(
+            f"MQE scores layers on synthetic inputs: {error}. For such a model use sensitivity='weight_error' "
+            "(data-free, no forward pass) or pass a SensitivityTable (e.g. hessian_sensitivity on real batches)"
+        ) from error
+
+
 def search(
     model: nn.Module,
     example_inputs: Any,
@@ -210,6 +223,8 @@ def search(
             f"(model, layers, options) -> SensitivityTable, got {type(sensitivity).__name__}"
         )
     uses_mqe = isinstance(sensitivity, str) and sensitivity in MQE_METHODS
+    if uses_mqe:
+        _check_mqe_inputs(example_inputs)
     if synthetic not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic input kind {synthetic!r}; use one of {SYNTHETIC_KINDS}")
     if int(num_samples) < 1:

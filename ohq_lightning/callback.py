@@ -118,11 +118,12 @@ def plan_from_checkpoint(
         plan = plan_from_checkpoint("last.ckpt")
         model = MyModule()
         apply_plan(model, plan)
-        model.load_state_dict(torch.load("last.ckpt")["state_dict"])
+        model.load_state_dict(torch.load("last.ckpt", weights_only=True)["state_dict"])
 
     Args:
         checkpoint: a path (or URL) to a ``.ckpt`` file, or a checkpoint dict already loaded.
-        weights_only: passed to :func:`torch.load` (``None``: torch's default, as Lightning does).
+        weights_only: passed to :func:`torch.load` (``None``: torch's default, as Lightning does; that
+            is ``True`` since torch 2.6, so no pickled object is unpickled unless you pass ``False``).
 
     Raises:
         ValueError: the file does not exist, or the checkpoint holds fake-quant weights but no plan

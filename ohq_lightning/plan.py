@@ -150,12 +150,24 @@ class _JsonMixin:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Any:
-        """Read from a JSON string or from a path to a JSON file."""
+        """Read from a JSON string or from a path to a JSON file.
+
+        Raises:
+            ValueError: the text is not JSON, or not a JSON object of this class's fields; the
+                message names the file (or says it was a string) and what is wrong.
+        """
         if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            source = str(text_or_path)
             text = Path(text_or_path).read_text()
         else:
-            text = str(text_or_path)
-        return cls.from_dict(json.loads(text))
+            source, text = "the JSON text given", str(text_or_path)
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, found a {type(data).__name__}")
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{source}: not a valid {cls.__name__} file ({type(error).__name__}: {error})") from error
 
 
 @dataclass

@@ -137,6 +137,14 @@ def test_unknown_recipe_lists_the_recipes(tmp_path: Path) -> None:
     assert "recipe/nope" in result.stderr and all(recipe in result.stderr for recipe in RECIPES)
 
 
+def test_unknown_group_options_and_wrong_integer_types_are_named(tmp_path: Path) -> None:
+    unknown = run_cli("hardware=nope", cwd=tmp_path)
+    assert unknown.returncode != 0
+    assert "hardware/nope" in unknown.stderr and all(name in unknown.stderr for name in ("cpu", "analytical"))
+    fractional = run_cli("+recipe=resnet18", "ohq.qat_epochs=1.5", cwd=tmp_path)
+    assert fractional.returncode == 1 and "ohq.qat_epochs" in fractional.stderr
+
+
 def _fake_report(directory: Path, ratio: float, accuracy: float, latency: float) -> None:
     directory.mkdir(parents=True)
     entry = {"accuracy": accuracy, "size_bytes": 1e6 * ratio, "latency_ms": latency, "predicted_latency_ms": latency}

@@ -351,10 +351,10 @@ class CPUTarget:
 
         return _Deployment(
             _graph_key(graph),
-            f"onnxruntime-{onnxruntime.__version__}",
+            f"onnxruntime-{onnxruntime.__version__}-nospin",  # timings taken with spinning on are not reused
             reference,
             build,
-            {"reference": "the float ONNX graph"},
+            {"reference": "the float ONNX graph", "intra_op_spinning": False},
         )
 
     def _torch_deployment(self, model: Any, example_inputs: torch.Tensor, names: list[str]) -> _Deployment:

@@ -66,12 +66,15 @@ def apply_plan(
     assignment = _assignment(plan)
     supported = quantizable_types()
     modules = dict(model.named_modules())
+    missing = [name for name in assignment if name not in modules]
+    if missing:
+        raise ValueError(
+            f"the plan names {len(missing)} layer(s) the model does not have (a plan for another model?): {missing}"
+        )
     swaps: list[tuple[str, nn.Module, Option]] = []
     for name, option_name in assignment.items():
         option = Option.parse(option_name)
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"the plan names layer {name!r}, which the model does not have")
+        module = modules[name]
         if isinstance(module, QuantLayer):
             raise ValueError(f"layer {name!r} is already quantized: call strip_plan(model) before applying a new plan")
         if type(module) not in supported:
