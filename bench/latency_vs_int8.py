@@ -15,7 +15,8 @@ For each model (trained on the built-in digits data at its recipe's resolution),
 
 Thread counts run in separate processes (torch's thread count is set once per process). It prints
 one JSON object: measured and predicted milliseconds of each build, the ratios ``ohq/int8`` and
-``ohq/best_uniform``, the accuracies, and the relative prediction errors.
+``ohq/best_uniform``, the accuracies, and the relative prediction errors (of the milliseconds, and
+of each build's time relative to FP32).
 
     python bench/latency_vs_int8.py [--models resnet18 ...] [--runtimes onnxruntime torch] [--threads 1 2]
 """
@@ -123,6 +124,12 @@ def measure(name: str, weights: str, image_size: int, threads: int, runtimes: li
             "measured_ms": {k: round(v, 4) for k, v in measured.items()},
             "predicted_ms": {k: round(v, 4) for k, v in predicted.items()},
             "prediction_error": {k: round(predicted[k] / measured[k] - 1, 4) for k in measured},
+            # the same for each build's time relative to FP32: what the search compares, and immune to the
+            # machine slowing down between the profile and this timing (which moves every build alike)
+            "ratio_prediction_error": {
+                k: round((predicted[k] / predicted["fp32"]) / (measured[k] / measured["fp32"]) - 1, 4)
+                for k in ("int8", "ohq")
+            },
             "ohq_over_int8": round(measured["ohq"] / measured["int8"], 4),
             "ohq_over_best_uniform": round(measured["ohq"] / min(measured["fp32"], measured["int8"]), 4),
             "ohq_int8_layers": sum(option != "fp32" for option in plan.assignment.values()),

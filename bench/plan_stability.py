@@ -53,7 +53,7 @@ def main() -> None:
     model = timm.create_model(args.model, pretrained=False).eval()
     example = torch.randn(1, 3, args.size, args.size)
     layers = ohq.trace_layers(model, example).layers
-    inputs = ohq.distilled_inputs(model, example, 8, seed=0)
+    inputs = ohq.distilled_inputs(model, example, 8, seed=0, progress=False)
     scores = ohq.mqe_sensitivity(model, inputs, layers, OPTIONS, progress=False)
     int8_total = sum(scores.scores[layer.name]["w8a8"] for layer in layers)
 
