@@ -31,7 +31,7 @@ class QuantLayer(nn.Module):
     <ohq_lightning.quant.strip_plan>` gives back the pruned module. Prune ``layer.module``, not the
     layer: :attr:`weight` is a computed tensor, not a ``Parameter``, so ``ModelPruning``'s default
     choice of parameters finds the wrapped module's ``weight`` and never this wrapper (nor the
-    quantizers' step sizes, which are named ``scale``).
+    quantizers' step sizes, whose parameters are named ``log_scale``).
 
     Args:
         module: the layer to wrap (a supported conv or linear module).
