@@ -67,8 +67,22 @@ def _log_of(scale: torch.Tensor) -> torch.Tensor:
     return scale.detach().float().abs().clamp_min(_MIN_SCALE).log()
 
 
-class _LogScaleState:
-    """Loads checkpoints written before step sizes were learned in log space (a ``scale`` entry)."""
+class _LogStepSize:
+    """The step-size side shared by both fake-quantizers: the learnable ``log_scale`` is read as
+    ``scale``, set with :meth:`set_scale`, and loaded from checkpoints written before step sizes were
+    learned in log space (a ``scale`` entry)."""
+
+    log_scale: nn.Parameter
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The step size(s) in use, ``exp(log_scale)`` (at least ``1e-8``)."""
+        return self.log_scale.exp().clamp_min(_MIN_SCALE)
+
+    def set_scale(self, scale: torch.Tensor | float) -> None:
+        """Set the step size(s) (positive; a scalar sets every channel)."""
+        with torch.no_grad():
+            self.log_scale.copy_(torch.broadcast_to(_log_of(torch.as_tensor(scale)), self.log_scale.shape))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         legacy = state_dict.pop(prefix + "scale", None)
@@ -121,7 +135,7 @@ def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) 
     return best.reshape(shape)
 
 
-class WeightFakeQuant(_LogScaleState, nn.Module):
+class WeightFakeQuant(_LogStepSize, nn.Module):
     """Symmetric per-output-channel weight fake-quant with a learnable step size per channel.
 
     The step sizes start at the MSE-optimal clipping of the weight they are built for; the learnable
@@ -140,16 +154,6 @@ class WeightFakeQuant(_LogScaleState, nn.Module):
         self.qmin, self.qmax = int_range(self.bits, signed=True)
         self.log_scale = nn.Parameter(_log_of(mse_scale(weight, self.bits, signed=True, dim=0)))
 
-    @property
-    def scale(self) -> torch.Tensor:
-        """The step sizes in use, one per output channel (shaped to broadcast against the weight)."""
-        return self.log_scale.exp().clamp_min(_MIN_SCALE)
-
-    def set_scale(self, scale: torch.Tensor | float) -> None:
-        """Set the step sizes (positive; a scalar sets every channel)."""
-        with torch.no_grad():
-            self.log_scale.copy_(_log_of(torch.as_tensor(scale)).expand_as(self.log_scale))
-
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight."""
         scale = _learned_scale(self.log_scale, (weight[0].numel() * self.qmax) ** -0.5)
@@ -159,7 +163,7 @@ class WeightFakeQuant(_LogScaleState, nn.Module):
         return f"bits={self.bits}, per_channel=True, symmetric=True"
 
 
-class ActivationFakeQuant(_LogScaleState, nn.Module):
+class ActivationFakeQuant(_LogStepSize, nn.Module):
     """Per-tensor fake-quant of a layer's input, on a signed or an unsigned grid.
 
     ``signed`` fixes the grid; ``None`` (the default) leaves it to calibration: unsigned when
@@ -180,16 +184,6 @@ class ActivationFakeQuant(_LogScaleState, nn.Module):
         self._observing = False
         self._scales: list[torch.Tensor] = []
         self._any_negative = False
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """The step size in use (a 0-d tensor; the learnable parameter is ``log_scale``)."""
-        return self.log_scale.exp().clamp_min(_MIN_SCALE)
-
-    def set_scale(self, scale: torch.Tensor | float) -> None:
-        """Set the step size (positive)."""
-        with torch.no_grad():
-            self.log_scale.copy_(_log_of(torch.as_tensor(scale)).reshape(()))
 
     @property
     def int_range(self) -> tuple[int, int]:
