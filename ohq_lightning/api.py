@@ -65,8 +65,26 @@ def validate_budgets(
     return given
 
 
-def _resolve_sensitivity_budget(budgets: dict[str, Any], scores: SensitivityTable, options: Sequence[str]) -> None:
-    """Turn ``sensitivity_budget="w8a8"`` into the total sensitivity of that option on every layer (in place)."""
+def _uniform_as_run(costs: CostTable, scores: SensitivityTable, option: str, options: Sequence[str]) -> dict[str, str]:
+    """Every layer at ``option``, except where the target cannot run it: there the least sensitive option it can."""
+    assignment = {}
+    for layer in costs.layers:
+        runnable = [name for name in options if costs.is_supported(layer, name)]
+        if option in runnable or not runnable:
+            assignment[layer] = option
+        else:
+            assignment[layer] = min(runnable, key=lambda name: scores.scores[layer][name])
+    return assignment
+
+
+def _resolve_sensitivity_budget(
+    budgets: dict[str, Any], scores: SensitivityTable, options: Sequence[str], costs: CostTable
+) -> None:
+    """Turn ``sensitivity_budget="w8a8"`` into the total sensitivity of uniform w8a8 as the target runs it (in place).
+
+    Layers the target cannot run at that option count at the option the uniform build falls back to
+    (see :func:`_uniform_as_run`).
+    """
     option = budgets.get("sensitivity_budget")
     if not isinstance(option, str):
         return
@@ -75,18 +93,24 @@ def _resolve_sensitivity_budget(budgets: dict[str, Any], scores: SensitivityTabl
             f"sensitivity_budget={option!r} bounds the plan by uniform {option}'s total sensitivity, but {option} is "
             f"not a candidate option here ({list(options)})"
         )
-    total = sum(row[option] for row in scores.scores.values())
+    assignment = _uniform_as_run(costs, scores, option, options)
+    total = sum(scores.scores[layer][chosen] for layer, chosen in assignment.items())
     budgets["sensitivity_budget"] = total * (1 + 1e-9) + 1e-15  # the uniform plan itself must stay feasible
 
 
 def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Sequence[str]) -> dict[str, Any]:
-    """Predicted latency and total sensitivity of every candidate option applied to every layer."""
-    names = costs.layers
+    """Predicted latency and total sensitivity of every candidate option applied to every layer the target runs it on.
+
+    ``fallback`` counts the layers kept at another option because the target cannot run them at this one.
+    """
     found: dict[str, Any] = {}
     for option in options:
-        assignment = dict.fromkeys(names, option)
-        entry: dict[str, float] = {"sensitivity": sum(scores.scores[name][option] for name in names)}
-        if costs.has_metric("latency_ms", [option]):
+        assignment = _uniform_as_run(costs, scores, option, options)
+        entry: dict[str, float] = {
+            "sensitivity": sum(scores.scores[layer][chosen] for layer, chosen in assignment.items()),
+            "fallback": sum(chosen != option for chosen in assignment.values()),
+        }
+        if all(costs.costs[layer][chosen].latency_ms is not None for layer, chosen in assignment.items()):
             entry["latency_ms"] = costs.predicted_latency_ms(assignment)
         found[option] = entry
     return found
@@ -186,6 +210,7 @@ def search(
         sensitivity_budget: total MQE sensitivity must not exceed this (>= 0), or an option name:
             ``"w8a8"`` allows no more total sensitivity than uniform ``w8a8`` (use it with
             ``minimize="latency"``: the fastest plan estimated to be as accurate as uniform INT8).
+            Layers the target cannot run at that option count at the least sensitive option it can.
         minimize: ``"sensitivity"`` (default) or ``"latency"`` (needs a budget, e.g. ``sensitivity_budget``).
         tie_groups: groups of layer names that must share one option.
         cost_weight: weight of the target's latency in the objective (0: sensitivity only).
@@ -263,7 +288,7 @@ def search(
     timings["sensitivity"] = time.perf_counter() - started
 
     budget_from = budgets.get("sensitivity_budget") if isinstance(budgets.get("sensitivity_budget"), str) else None
-    _resolve_sensitivity_budget(budgets, scores, option_names)
+    _resolve_sensitivity_budget(budgets, scores, option_names, costs)
     solve_plan = functools.partial(
         solve,
         scores,

@@ -133,3 +133,30 @@ def test_sensitivity_budget_named_by_an_option_bounds_by_that_uniform_plan(tiny_
         ohq.search(tiny_net, tiny_input, sensitivity_budget="w2a8", options=options, **FAST)
     with pytest.raises(ValueError, match="sensitivity_budget must be a number >= 0 or an option name"):
         validate_budgets(sensitivity_budget="int8")
+
+
+def test_a_sensitivity_budget_by_option_counts_layers_the_target_cannot_run_there_at_their_fallback(
+    tiny_net, tiny_input
+):
+    from ohq_lightning.plan import UNSUPPORTED
+
+    class NoInt8Stem(ohq.AnalyticalTarget):
+        stem = "stem.0"
+
+        def cost(self, layer, option):
+            cost = super().cost(layer, option)
+            cost.latency_ms = 5.0 if option.is_float else 1.0
+            if layer.name == self.stem and option.name == "w8a8":
+                cost.source, cost.latency_ms = UNSUPPORTED, None
+            return cost
+
+    target = NoInt8Stem(options=("fp32", "w8a8", "w4a8"))
+    plan = ohq.search(tiny_net, tiny_input, target=target, minimize="latency", sensitivity_budget="w8a8", **FAST)
+    scores = {row["name"]: row["scores"] for row in plan.layers}
+    assert scores[NoInt8Stem.stem]["w8a8"] > 0
+    as_run = sum(row["w8a8"] for name, row in scores.items() if name != NoInt8Stem.stem)  # the stem falls back to fp32
+    assert plan.budgets["sensitivity_budget"] == pytest.approx(as_run, rel=1e-6)
+    uniform = plan.meta["uniform"]["w8a8"]
+    assert uniform["fallback"] == 1 and uniform["sensitivity"] == pytest.approx(as_run, rel=1e-9)
+    assert uniform["latency_ms"] > 0 and plan.assignment[NoInt8Stem.stem] != "w8a8"
+    assert plan.predicted["sensitivity"] <= as_run * (1 + 1e-6)
