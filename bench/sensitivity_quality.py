@@ -10,8 +10,8 @@ resolution with its float-training settings, ``recipes/*.yaml``), with options w
    a property of the function, so every image counts (train and test alike). Its reliability
    ceiling: the Spearman correlation between the ground truths of two disjoint random halves of
    the images (mean over many splits), and the Spearman-Brown reliability of the full set.
-2. **Providers**, each timed in this one run: MQE (the ``quantize`` reading) on 8 Gaussian inputs,
-   MQE on 8 BN-distilled inputs (search's default), MQE's ``random_mask`` reading on those
+2. **Providers**, each timed in this one run: MQE (the ``quantize`` reading) on 8 Gaussian
+   inputs (``--mqe-samples``), MQE on 8 BN-distilled inputs (search's default), MQE's ``random_mask`` reading on those
    distilled inputs, the weight quantization error, the HAWQ-style Hessian trace x weight error
    (Hutchinson, 100 samples by default, absolute traces, over 64 train images with their labels
    and the cross-entropy loss),
@@ -258,6 +258,7 @@ def providers(
     hessian_batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     hessian_iterations: int,
+    mqe_samples: int,
     seed: int,
 ) -> tuple[dict[str, SensitivityTable], dict[str, float], dict[str, Any]]:
     """Every provider's table, its seconds (synthetic inputs included), and its settings."""
@@ -266,17 +267,17 @@ def providers(
     settings: dict[str, Any] = {}
 
     started = time.perf_counter()
-    inputs = gaussian_inputs(example, 8, seed=seed)
+    inputs = gaussian_inputs(example, mqe_samples, seed=seed)
     tables["mqe_gaussian"] = mqe_sensitivity(model, inputs, layers, OPTIONS, seed=seed, progress=False)
     seconds["mqe_gaussian"] = time.perf_counter() - started
-    settings["mqe_gaussian"] = {"inputs": "8 Gaussian", "method": "quantize"}
+    settings["mqe_gaussian"] = {"inputs": f"{mqe_samples} Gaussian", "method": "quantize"}
 
     started = time.perf_counter()
-    distilled = distilled_inputs(model, example, 8, steps=20, seed=seed, cache_dir=False, progress=False)
+    distilled = distilled_inputs(model, example, mqe_samples, steps=20, seed=seed, cache_dir=False, progress=False)
     distill_s = time.perf_counter() - started
     tables["mqe_distilled"] = mqe_sensitivity(model, distilled, layers, OPTIONS, seed=seed, progress=False)
     seconds["mqe_distilled"] = time.perf_counter() - started
-    settings["mqe_distilled"] = {"inputs": "8 BN-distilled (20 Adam steps)", "method": "quantize"}
+    settings["mqe_distilled"] = {"inputs": f"{mqe_samples} BN-distilled (20 Adam steps)", "method": "quantize"}
 
     started = time.perf_counter()
     tables["mqe_random_mask"] = mqe_sensitivity(
@@ -284,7 +285,7 @@ def providers(
     )
     seconds["mqe_random_mask"] = time.perf_counter() - started + distill_s
     settings["mqe_random_mask"] = {
-        "inputs": "the same 8 BN-distilled (their distillation seconds counted)",
+        "inputs": f"the same {mqe_samples} BN-distilled (their distillation seconds counted)",
         "method": "random_mask",
         "mask_fractions": tables["mqe_random_mask"].meta["mask_fractions"],
     }
@@ -503,6 +504,7 @@ def bench_model(
     quick: bool,
     seed: int,
     hessian_iterations: int,
+    mqe_samples: int,
     hessian_images: int,
     bootstrap_reps: int,
     splits: int,
@@ -549,7 +551,13 @@ def bench_model(
     log(f"{model_name}: providers")
     hessian_batches = [(split["x_train"][:hessian_images], split["y_train"][:hessian_images])]
     tables, seconds, provider_settings = providers(
-        model, layers, example, hessian_batches, hessian_iterations=hessian_iterations, seed=seed
+        model,
+        layers,
+        example,
+        hessian_batches,
+        hessian_iterations=hessian_iterations,
+        mqe_samples=mqe_samples,
+        seed=seed,
     )
     raw_trace = provider_settings["hessian"].pop("_raw_trace_per_weight")
     arrays = {name: table_array(tables[name], names) for name in PROVIDERS}
@@ -661,6 +669,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 400 images, few samples")
     parser.add_argument("--hessian-iterations", type=int, default=None, help="Hutchinson samples (default 100)")
     parser.add_argument("--hessian-images", type=int, default=64, help="train images the Hessian is taken over")
+    parser.add_argument("--mqe-samples", type=int, default=8, help="synthetic inputs of the MQE providers (8)")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates (default 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores make 2 erratic)")
@@ -678,6 +687,7 @@ def main() -> None:
             quick=quick,
             seed=args.seed,
             hessian_iterations=iterations,
+            mqe_samples=args.mqe_samples,
             hessian_images=args.hessian_images,
             bootstrap_reps=reps,
             splits=10 if quick else 50,
@@ -697,6 +707,7 @@ def main() -> None:
             "bootstrap_reps": reps,
             "hessian_iterations": iterations,
             "hessian_images": args.hessian_images,
+            "mqe_samples": args.mqe_samples,
             "torch": torch.__version__,
             "machine": platform.machine(),
         },
