@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,10 @@ from torch import nn
 
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.plan import CostTable, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import METHODS, MQE_METHODS, SensitivityProvider, mqe_sensitivity
 from ohq_lightning.sensitivity_baselines import random_sensitivity, weight_error_sensitivity
-from ohq_lightning.solver import check_budget_values, check_sensitivity_budget, solve
+from ohq_lightning.solver import InfeasibleBudgetError, check_budget_values, check_sensitivity_budget, solve
 from ohq_lightning.synthetic import synthetic_inputs
 
 __all__ = ["search", "validate_budgets"]
@@ -114,6 +114,49 @@ def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Se
             entry["latency_ms"] = costs.predicted_latency_ms(assignment)
         found[option] = entry
     return found
+
+
+def _pinned(costs: CostTable, assignment: dict[str, str]) -> CostTable:
+    """A copy of ``costs`` in which each layer can run only its option in ``assignment``."""
+    pinned = CostTable.from_dict(costs.to_dict())
+    for layer, row in pinned.costs.items():
+        for option, cost in row.items():
+            if option != assignment.get(layer, option):
+                cost.source = UNSUPPORTED
+    return pinned
+
+
+def _best_measured_plan(
+    solve_plan: Callable[[CostTable], QuantPlan],
+    costs: CostTable,
+    measured: Sequence[dict[str, str]],
+    *,
+    minimize: str,
+) -> QuantPlan | None:
+    """The best of the plans timed during refinement, priced by the latest table; None if none meets the budgets.
+
+    When refinement stops before the pick repeats, the last pick is a prediction no timing has checked,
+    and on a noisy machine such picks lean optimistic. The latest table has been fitted to every
+    measured pick, so among those its figures rest on their own timings.
+    """
+    found = []
+    for assignment in measured:
+        try:
+            found.append(solve_plan(_pinned(costs, assignment)))
+        except InfeasibleBudgetError:  # e.g. over a latency budget once its timing was known
+            continue
+    if not found:
+        return None
+
+    def objective(plan: QuantPlan) -> tuple[float, ...]:
+        predicted = plan.predicted
+        if minimize == "latency":
+            return (predicted["latency_ms"], predicted["sensitivity"])
+        weight = float(plan.meta.get("cost_weight") or 0.0)
+        extra = weight * float(predicted.get(str(plan.meta.get("cost_metric")), 0.0)) if weight else 0.0
+        return (predicted["sensitivity"] + extra,)
+
+    return min(found, key=objective)
 
 
 def _baseline_scores(
@@ -216,7 +259,9 @@ def search(
         cost_weight: weight of the target's latency in the objective (0: sensitivity only).
         refine_rounds: with a target that measures plans (``cpu``): up to this many times, time the
             plan picked end to end, refit the costs with it and solve again, until the plan picked
-            is one that was measured (``plan.meta["plan_measured"]``).
+            is one that was measured (``plan.meta["plan_measured"]``). If the picks still change
+            after that many rounds (``plan.meta["refinement_settled"]`` False), the best plan it
+            timed is returned, priced by the latest fit.
         seed: seed of everything random in the search.
         cache_dir: cache of synthetic inputs (``False`` disables it).
         progress: show progress bars.
@@ -303,6 +348,7 @@ def search(
     timings["solve"] = time.perf_counter() - started
 
     measured: list[dict[str, str]] = []
+    settled = True
     if getattr(hardware, "measures_plans", False):
         started = time.perf_counter()
         for _ in range(refine_rounds):  # measure the plan picked, refit, pick again, until it was measured
@@ -313,6 +359,9 @@ def search(
                 trace.layers, option_names, model=model, example_inputs=example_inputs, measure_also=measured
             )
             plan = solve_plan(costs)
+        settled = plan.assignment in measured
+        if not settled:  # keep the best plan it did time
+            plan = _best_measured_plan(solve_plan, costs, measured, minimize=minimize) or plan
         timings["refine"] = time.perf_counter() - started
 
     infos = {layer.name: layer for layer in trace.layers}
@@ -335,6 +384,7 @@ def search(
         seed=seed,
         cost_source=costs.meta.get("source", ""),
         plan_measured=plan.assignment in measured,
+        refinement_settled=settled,
         plans_measured_in_refinement=len(measured),
         uniform=_uniform_predictions(costs, scores, option_names),
     )

@@ -160,3 +160,29 @@ def test_a_sensitivity_budget_by_option_counts_layers_the_target_cannot_run_ther
     assert uniform["fallback"] == 1 and uniform["sensitivity"] == pytest.approx(as_run, rel=1e-9)
     assert uniform["latency_ms"] > 0 and plan.assignment[NoInt8Stem.stem] != "w8a8"
     assert plan.predicted["sensitivity"] <= as_run * (1 + 1e-6)
+
+
+def test_an_unsettled_refinement_returns_the_best_plan_it_timed_priced_by_the_latest_fit(tiny_net, tiny_input):
+    class TimedSlower(ohq.AnalyticalTarget):
+        """Every option of a plan once timed comes out 2.5 ms slower per layer than first predicted."""
+
+        measures_plans = True
+
+        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
+            table = super().costs(layers, options)
+            for name, row in table.costs.items():
+                for option, cost in row.items():
+                    timed = sum(plan[name] == option for plan in measure_also)
+                    cost.latency_ms = (1.0 if option == "w8a8" else 2.0) + 2.5 * timed
+            return table
+
+    target = TimedSlower(options=("fp32", "w8a8"))
+    common = dict(target=target, minimize="latency", sensitivity_budget=1e9, **FAST)
+    plan = ohq.search(tiny_net, tiny_input, refine_rounds=1, **common)
+    layers = len(plan.assignment)
+    # first pick: all int8 (1 ms a layer); timed, it costs 3.5, so the refit picks all fp32 (2 ms, never timed)
+    assert set(plan.assignment.values()) == {"w8a8"}
+    assert plan.meta["plan_measured"] is True and plan.meta["refinement_settled"] is False
+    assert plan.predicted["latency_ms"] == pytest.approx(3.5 * layers)
+    settled = ohq.search(tiny_net, tiny_input, refine_rounds=2, **common)  # fp32 timed too: back to int8
+    assert settled.meta["refinement_settled"] is True and set(settled.assignment.values()) == {"w8a8"}

@@ -225,6 +225,7 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
             "predicted": plan.predicted,
             "budgets": plan.budgets,
             "measured_during_search": plan.meta.get("plan_measured"),
+            "refinement_settled": plan.meta.get("refinement_settled"),
         },
         "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "search": plan.meta.get("timings_s", {})},
         "config": asdict(cfg),
