@@ -2,16 +2,16 @@
 
 For each runtime (ONNX Runtime and torch's x86 int8 kernels by default) and each model at
 1x3x224x224 (1 thread by default), this profiles the network with the `cpu` target (cold, in a
-fresh cache, then warm from the cache), then deploys six plans --
-uniform FP32, uniform INT8, the latency-optimal mix according to the fitted table, that mix after
-the search's refinement (time the pick, refit, pick again; if the picks have not settled, the
-best pick it timed; predicted by the refitted table), and two random mixes (30% and 70% INT8,
-seeds unseen by the profile) -- and times them end to end, call by call in turn, over rounds. It prints one JSON object with predicted and measured milliseconds, their
-relative error (target: every |error| <= 10%), the fit's own diagnostics, and the cold and warm
-profiling seconds (target: warm >= 10x faster than cold). The plans are timed minutes after the
-profile: where the machine's speed drifted in between (a shared machine), the milliseconds disagree
-as a whole and ``rel_error_of_ratio_to_fp32`` (both sides divided by their FP32 figure) is the
-comparison to read.
+fresh cache, then warm from the cache), then deploys six plans -- uniform FP32, uniform INT8, the
+latency-optimal mix according to the fitted table, that mix after the search's refinement (time the
+pick, refit, pick again; if the picks have not settled, the best pick it timed; predicted by the
+refitted table), and two random mixes (30% and 70% INT8, seeds unseen by the profile) -- and times
+them end to end, call by call in turn, over rounds. It prints one JSON object with predicted and
+measured milliseconds, their relative error (target: every |error| <= 10%), the fit's own
+diagnostics, and the cold and warm profiling seconds (target: warm >= 10x faster than cold). The
+plans are timed minutes after the profile: where the machine's speed drifted in between (a shared
+machine), the milliseconds disagree as a whole and ``rel_error_of_ratio_to_fp32`` (both sides
+divided by their FP32 figure) is the comparison to read.
 
     python bench/oqa_fidelity.py [--models resnet18 mobilenetv3_small_100 mobilenetv3_large_100]
         [--runtime onnxruntime torch] [--engine x86] [--threads 1]

@@ -186,3 +186,26 @@ def test_an_unsettled_refinement_returns_the_best_plan_it_timed_priced_by_the_la
     assert plan.predicted["latency_ms"] == pytest.approx(3.5 * layers)
     settled = ohq.search(tiny_net, tiny_input, refine_rounds=2, **common)  # fp32 timed too: back to int8
     assert settled.meta["refinement_settled"] is True and set(settled.assignment.values()) == {"w8a8"}
+
+
+def test_an_unsettled_refinement_under_a_latency_budget_keeps_only_timed_plans_that_still_meet_it(tiny_net, tiny_input):
+    class TimedSlower(ohq.AnalyticalTarget):
+        """Int8 layers cost 1 ms until a plan using them is timed, then 3 ms; fp32 costs 2 ms."""
+
+        measures_plans = True
+
+        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
+            table = super().costs(layers, options)
+            for name, row in table.costs.items():
+                timed = any(plan[name] == "w8a8" for plan in measure_also)
+                row["fp32"].latency_ms = 2.0
+                row["w8a8"].latency_ms = 3.0 if timed else 1.0
+            return table
+
+    target = TimedSlower(options=("fp32", "w8a8"))
+    layers = len(ohq.trace_layers(tiny_net, tiny_input).layers)
+    budget = 1.6 * layers  # the first pick runs some layers in int8; once timed, it is over the budget
+    plan = ohq.search(tiny_net, tiny_input, target=target, latency_budget=budget, refine_rounds=1, **FAST)
+    assert plan.meta["refinement_settled"] is False and plan.meta["plans_measured_in_refinement"] == 1
+    assert plan.meta["plan_measured"] is False  # no timed plan meets the budget any more: the last pick stands
+    assert plan.predicted["latency_ms"] <= budget
