@@ -188,6 +188,8 @@ def test_small_job_end_to_end_writes_the_report(tmp_path: Path) -> None:
     assert report["ohq"]["predicted_latency_ms"] > 0 and report["cost_source"] == "measured"
     assert report["data"]["test"] == 64 and report["fp32"]["size_bytes"] > report["int8"]["size_bytes"]
     assert report["fp32"]["accuracy"] > 0.5  # trained on real digits for two epochs: far above chance (0.1)
+    assert 0 <= report["ohq"]["calibration_only_accuracy"] <= 1
+    assert "calibration only, without fine-tuning" in (run / "report.md").read_text()
     for name in ("report.md", "plan.json", "plan.png", "accuracy_latency.png", "float_model.pt"):
         assert (run / name).is_file(), name
     assert "uniform INT8" in result.stdout and "OHQ plan" in result.stdout

@@ -15,7 +15,7 @@ from ohq_lightning.hardware.timing import TimingSettings
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import LayerInfo, Option, QuantPlan
 from ohq_lightning.progress import progress_bar
-from ohq_lightning.quant import quantized_layers, strip_plan
+from ohq_lightning.quant import apply_plan, calibrate, quantized_layers, strip_plan
 
 __all__ = ["deployed_accuracy", "evaluate_plan", "model_size_bytes", "torch_accuracy"]
 
@@ -92,7 +92,9 @@ def evaluate_plan(
     Returns:
         ``{"fp32": {...}, "int8": {...}, "ohq": {...}}``, each with ``accuracy`` (deployed),
         ``size_bytes``, ``latency_ms`` (measured median), ``latency_spread`` and ``predicted_latency_ms``;
-        ``ohq`` also has ``fake_quant_accuracy`` (the fine-tuned model in PyTorch).
+        ``ohq`` also has ``fake_quant_accuracy`` (the fine-tuned model in PyTorch) and
+        ``calibration_only_accuracy`` (the same plan applied to ``float_model`` and calibrated on
+        ``calibration``, without fine-tuning: what the fine-tuning bought).
     """
     from ohq_lightning.deploy import RUNTIMES, deploy_plan, measure_latency
 
@@ -132,5 +134,10 @@ def evaluate_plan(
             "threads": threads,
         }
     results["ohq"]["fake_quant_accuracy"] = torch_accuracy(quantized_model, test_loader, num_classes, progress=progress)
+    calibrated = apply_plan(copy.deepcopy(float_model), plan)
+    calibrate(calibrated, calibration, progress=progress)
+    results["ohq"]["calibration_only_accuracy"] = torch_accuracy(
+        calibrated.eval(), test_loader, num_classes, progress=progress
+    )
     results["fp32"]["torch_accuracy"] = torch_accuracy(float_model, test_loader, num_classes, progress=progress)
     return results

@@ -287,7 +287,8 @@ def write_reports(report: dict[str, Any], plan: QuantPlan, root: Path, *, plots:
         "",
         f"OHQ plan / uniform INT8 latency: {report['ratios']['ohq_over_int8']:.3f}; OHQ / best uniform: "
         f"{report['ratios']['ohq_over_best_uniform']:.3f}; fake-quant (PyTorch) accuracy of the plan: "
-        f"{100 * report['ohq']['fake_quant_accuracy']:.2f}%.",
+        f"{100 * report['ohq']['fake_quant_accuracy']:.2f}% (calibration only, without fine-tuning: "
+        f"{100 * report['ohq']['calibration_only_accuracy']:.2f}%).",
         "",
         "## Plan",
         "",
