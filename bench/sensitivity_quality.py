@@ -259,6 +259,7 @@ def providers(
     *,
     hessian_iterations: int,
     mqe_samples: int,
+    distill_steps: int,
     seed: int,
 ) -> tuple[dict[str, SensitivityTable], dict[str, float], dict[str, Any]]:
     """Every provider's table, its seconds (synthetic inputs included), and its settings."""
@@ -273,11 +274,16 @@ def providers(
     settings["mqe_gaussian"] = {"inputs": f"{mqe_samples} Gaussian", "method": "quantize"}
 
     started = time.perf_counter()
-    distilled = distilled_inputs(model, example, mqe_samples, steps=20, seed=seed, cache_dir=False, progress=False)
+    distilled = distilled_inputs(
+        model, example, mqe_samples, steps=distill_steps, seed=seed, cache_dir=False, progress=False
+    )
     distill_s = time.perf_counter() - started
     tables["mqe_distilled"] = mqe_sensitivity(model, distilled, layers, OPTIONS, seed=seed, progress=False)
     seconds["mqe_distilled"] = time.perf_counter() - started
-    settings["mqe_distilled"] = {"inputs": f"{mqe_samples} BN-distilled (20 Adam steps)", "method": "quantize"}
+    settings["mqe_distilled"] = {
+        "inputs": f"{mqe_samples} BN-distilled ({distill_steps} Adam steps)",
+        "method": "quantize",
+    }
 
     started = time.perf_counter()
     tables["mqe_random_mask"] = mqe_sensitivity(
@@ -505,6 +511,7 @@ def bench_model(
     seed: int,
     hessian_iterations: int,
     mqe_samples: int,
+    distill_steps: int,
     hessian_images: int,
     bootstrap_reps: int,
     splits: int,
@@ -557,6 +564,7 @@ def bench_model(
         hessian_batches,
         hessian_iterations=hessian_iterations,
         mqe_samples=mqe_samples,
+        distill_steps=distill_steps,
         seed=seed,
     )
     raw_trace = provider_settings["hessian"].pop("_raw_trace_per_weight")
@@ -670,6 +678,7 @@ def main() -> None:
     parser.add_argument("--hessian-iterations", type=int, default=None, help="Hutchinson samples (default 100)")
     parser.add_argument("--hessian-images", type=int, default=64, help="train images the Hessian is taken over")
     parser.add_argument("--mqe-samples", type=int, default=8, help="synthetic inputs of the MQE providers (8)")
+    parser.add_argument("--distill-steps", type=int, default=20, help="Adam steps of the distilled inputs (20)")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates (default 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores make 2 erratic)")
@@ -688,6 +697,7 @@ def main() -> None:
             seed=args.seed,
             hessian_iterations=iterations,
             mqe_samples=args.mqe_samples,
+            distill_steps=args.distill_steps,
             hessian_images=args.hessian_images,
             bootstrap_reps=reps,
             splits=10 if quick else 50,
@@ -708,6 +718,7 @@ def main() -> None:
             "hessian_iterations": iterations,
             "hessian_images": args.hessian_images,
             "mqe_samples": args.mqe_samples,
+            "distill_steps": args.distill_steps,
             "torch": torch.__version__,
             "machine": platform.machine(),
         },
