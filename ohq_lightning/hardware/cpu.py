@@ -23,7 +23,8 @@ model to those measurements by least squares::
     latency(plan) = base + sum(kappa[l] for integer layers l) + sum(T[i] for boundaries i that change precision)
 
 where a boundary is the pair of consecutive layers in forward order (an approximation of the
-graph's edges, exact for chains) and ``T >= 0``. ``base`` becomes the cost table's
+graph's edges, exact for chains; refitting profiles on the real edges predicted held-out plans no
+better, ``bench/oqa_transition_model.py``) and ``T >= 0``. ``base`` becomes the cost table's
 ``base_latency_ms``, ``kappa`` the latency of a layer's integer options (a signed delta against
 FP32, whose entry is 0), ``T`` its ``transition_ms``. The fit's residuals and a hold-out error
 are recorded in the table's ``meta["fit"]``. A sample the first fit misses by more than
