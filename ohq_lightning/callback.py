@@ -373,6 +373,8 @@ class OHQCallback(Callback):
         sensitivity: MQE reading, ``"quantize"`` or ``"random_mask"``.
         synthetic: data-free inputs of the search, ``"distilled"`` or ``"gaussian"``.
         num_samples: synthetic inputs used by the search (and by ``calibration="synthetic"``).
+        distill_steps: optimisation steps of the distilled inputs (more rank layers better and cost
+            more: see ``BENCHMARKS.md``).
         plan: a :class:`~ohq_lightning.plan.QuantPlan`, its dict, a mapping of layer name to option
             (``{"features.0": "w4a8"}``), or a path to a ``plan.json``: use it and skip the search
             (then give no budget and no ``options``).
@@ -444,6 +446,7 @@ class OHQCallback(Callback):
         sensitivity: str = "quantize",
         synthetic: str = "distilled",
         num_samples: int = 8,
+        distill_steps: int = 20,
         plan: QuantPlan | Mapping[str, Any] | str | Path | None = None,
         example_input: Any = None,
         input_fn: Callable[[Any], Any] | None = None,
@@ -474,6 +477,7 @@ class OHQCallback(Callback):
             raise ValueError(f"unknown synthetic input kind {synthetic!r}; use one of {list(SYNTHETIC_KINDS)}")
         self.synthetic = synthetic
         self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.distill_steps = _check_int("distill_steps", distill_steps, 1)
         self._plan = _read_plan(plan)
         if self._plan is not None and (self.budgets or self.options is not None):
             raise ValueError(
@@ -709,6 +713,7 @@ class OHQCallback(Callback):
                     sensitivity=self.sensitivity,
                     synthetic=self.synthetic,
                     num_samples=self.num_samples,
+                    distill_steps=self.distill_steps,
                     seed=self.seed,
                     progress=self.progress,
                     **self.budgets,
@@ -760,6 +765,7 @@ class OHQCallback(Callback):
             kind=self.synthetic,
             num_samples=self.num_samples,
             seed=self.seed,
+            steps=self.distill_steps,
             progress=self.progress,
         )
         return list(inputs.chunk(self.calibration_batches))

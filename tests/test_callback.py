@@ -278,6 +278,7 @@ def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -
         ({"sensitivity": "hessian"}, "unknown sensitivity method"),
         ({"synthetic": "uniform"}, "unknown synthetic input kind"),
         ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"distill_steps": 0}, "distill_steps must be an integer >= 1"),
         ({"calibration": "val"}, "calibration must be one of"),
         ({"calibration_batches": 2.5}, "calibration_batches must be an integer"),
         ({"seed": True}, "seed must be an integer"),
@@ -288,6 +289,25 @@ def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -
 def test_bad_constructor_arguments(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OHQCallback(**settings)
+
+
+def test_search_settings_reach_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def recording_search(*args: Any, **kwargs: Any) -> QuantPlan:
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(callback_module, "search", recording_search)
+    callback = OHQCallback(compression_ratio=0.6, num_samples=3, distill_steps=7, seed=5, progress=False)
+    with pytest.raises(RuntimeError, match="stop here"):
+        quiet_trainer(tmp_path, [callback]).fit(TinyCNN(), image_loader())
+    assert {key: seen[key] for key in ("num_samples", "distill_steps", "seed", "synthetic")} == {
+        "num_samples": 3,
+        "distill_steps": 7,
+        "seed": 5,
+        "synthetic": "distilled",
+    }
 
 
 def test_constructor_is_keyword_only_and_reads_plan_files(tmp_path: Path) -> None:

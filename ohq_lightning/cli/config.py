@@ -79,6 +79,7 @@ class OHQConfig:
     sensitivity: str = "quantize"
     synthetic: str = "distilled"
     num_samples: int = 8
+    distill_steps: int = 20
     calibration: str | None = "train"
     calibration_batches: int = 4
     plan: str | None = None

@@ -173,6 +173,7 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
         sensitivity=cfg.ohq.sensitivity,
         synthetic=cfg.ohq.synthetic,
         num_samples=cfg.ohq.num_samples,
+        distill_steps=cfg.ohq.distill_steps,
         plan=cfg.ohq.plan,
         calibration=cfg.ohq.calibration,
         calibration_batches=cfg.ohq.calibration_batches,
