@@ -162,21 +162,27 @@ def test_a_sensitivity_budget_by_option_counts_layers_the_target_cannot_run_ther
     assert plan.predicted["sensitivity"] <= as_run * (1 + 1e-6)
 
 
+class _Retimed(ohq.AnalyticalTarget):
+    """A target that times plans: ``latency(option, timed)`` prices a layer's option, ``timed`` being
+    how many of the plans timed so far ran that layer at that option."""
+
+    measures_plans = True
+
+    def __init__(self, latency, **kwargs):
+        super().__init__(options=("fp32", "w8a8"), **kwargs)
+        self.latency = latency
+
+    def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
+        table = super().costs(layers, options)
+        for name, row in table.costs.items():
+            for option, cost in row.items():
+                cost.latency_ms = self.latency(option, sum(plan[name] == option for plan in measure_also))
+        return table
+
+
 def test_an_unsettled_refinement_returns_the_best_plan_it_timed_priced_by_the_latest_fit(tiny_net, tiny_input):
-    class TimedSlower(ohq.AnalyticalTarget):
-        """Every option of a plan once timed comes out 2.5 ms slower per layer than first predicted."""
-
-        measures_plans = True
-
-        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
-            table = super().costs(layers, options)
-            for name, row in table.costs.items():
-                for option, cost in row.items():
-                    timed = sum(plan[name] == option for plan in measure_also)
-                    cost.latency_ms = (1.0 if option == "w8a8" else 2.0) + 2.5 * timed
-            return table
-
-    target = TimedSlower(options=("fp32", "w8a8"))
+    # every option of a plan once timed comes out 2.5 ms slower per layer than first predicted
+    target = _Retimed(lambda option, timed: (1.0 if option == "w8a8" else 2.0) + 2.5 * timed)
     common = dict(target=target, minimize="latency", sensitivity_budget=1e9, **FAST)
     plan = ohq.search(tiny_net, tiny_input, refine_rounds=1, **common)
     layers = len(plan.assignment)
@@ -189,20 +195,8 @@ def test_an_unsettled_refinement_returns_the_best_plan_it_timed_priced_by_the_la
 
 
 def test_an_unsettled_refinement_under_a_latency_budget_keeps_only_timed_plans_that_still_meet_it(tiny_net, tiny_input):
-    class TimedSlower(ohq.AnalyticalTarget):
-        """Int8 layers cost 1 ms until a plan using them is timed, then 3 ms; fp32 costs 2 ms."""
-
-        measures_plans = True
-
-        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
-            table = super().costs(layers, options)
-            for name, row in table.costs.items():
-                timed = any(plan[name] == "w8a8" for plan in measure_also)
-                row["fp32"].latency_ms = 2.0
-                row["w8a8"].latency_ms = 3.0 if timed else 1.0
-            return table
-
-    target = TimedSlower(options=("fp32", "w8a8"))
+    # int8 layers cost 1 ms until a plan using them is timed, then 3 ms; fp32 costs 2 ms
+    target = _Retimed(lambda option, timed: 2.0 if option == "fp32" else (3.0 if timed else 1.0))
     layers = len(ohq.trace_layers(tiny_net, tiny_input).layers)
     budget = 1.6 * layers  # the first pick runs some layers in int8; once timed, it is over the budget
     plan = ohq.search(tiny_net, tiny_input, target=target, latency_budget=budget, refine_rounds=1, **FAST)
