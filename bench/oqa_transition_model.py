@@ -96,10 +96,11 @@ def bench_model(name: str, runtime: str, threads: int, size: int, splits: int, c
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     example = torch.randn(1, 3, size, size)
-    names = trace_layers(model, example).names()
+    trace = trace_layers(model, example)
+    names = trace.names()
     cache_dir = cache_root / f"{name}-{runtime}-{size}-{threads}"
     target = CPUTarget(runtime=runtime, threads=threads, cache_dir=cache_dir, progress=False)
-    table = target.costs(trace_layers(model, example).layers, model=model, example_inputs=example)
+    table = target.costs(trace.layers, model=model, example_inputs=example)
     (path,) = (cache_dir / "oqa").glob("*.json")
     entries = json.loads(path.read_text())["entries"]
     samples = {key: entry["median_ms"] for key, entry in entries.items() if set(key) <= {"0", "1"}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,11 @@ from torch import nn
 
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
+from ohq_lightning.plan import CostTable, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import METHODS, MQE_METHODS, SensitivityProvider, mqe_sensitivity
 from ohq_lightning.sensitivity_baselines import random_sensitivity, weight_error_sensitivity
-from ohq_lightning.solver import InfeasibleBudgetError, check_budget_values, check_sensitivity_budget, solve
-from ohq_lightning.synthetic import synthetic_inputs
+from ohq_lightning.solver import best_of, check_budget_values, check_sensitivity_budget, solve
+from ohq_lightning.synthetic import _example_tensor, synthetic_inputs
 
 __all__ = ["search", "validate_budgets"]
 
@@ -116,49 +116,6 @@ def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Se
     return found
 
 
-def _pinned(costs: CostTable, assignment: dict[str, str]) -> CostTable:
-    """A copy of ``costs`` in which each layer can run only its option in ``assignment``."""
-    pinned = CostTable.from_dict(costs.to_dict())
-    for layer, row in pinned.costs.items():
-        for option, cost in row.items():
-            if option != assignment.get(layer, option):
-                cost.source = UNSUPPORTED
-    return pinned
-
-
-def _best_measured_plan(
-    solve_plan: Callable[[CostTable], QuantPlan],
-    costs: CostTable,
-    measured: Sequence[dict[str, str]],
-    *,
-    minimize: str,
-) -> QuantPlan | None:
-    """The best of the plans timed during refinement, priced by the latest table; None if none meets the budgets.
-
-    When refinement stops before the pick repeats, the last pick is a prediction no timing has checked,
-    and on a noisy machine such picks lean optimistic. The latest table has been fitted to every
-    measured pick, so among those its figures rest on their own timings.
-    """
-    found = []
-    for assignment in measured:
-        try:
-            found.append(solve_plan(_pinned(costs, assignment)))
-        except InfeasibleBudgetError:  # e.g. over a latency budget once its timing was known
-            continue
-    if not found:
-        return None
-
-    def objective(plan: QuantPlan) -> tuple[float, ...]:
-        predicted = plan.predicted
-        if minimize == "latency":
-            return (predicted["latency_ms"], predicted["sensitivity"])
-        weight = float(plan.meta.get("cost_weight") or 0.0)
-        extra = weight * float(predicted.get(str(plan.meta.get("cost_metric")), 0.0)) if weight else 0.0
-        return (predicted["sensitivity"] + extra,)
-
-    return min(found, key=objective)
-
-
 def _baseline_scores(
     sensitivity: str | SensitivityTable | SensitivityProvider,
     model: nn.Module,
@@ -193,8 +150,6 @@ def _baseline_scores(
 
 def _check_mqe_inputs(example_inputs: Any) -> None:
     """Fail before any work when MQE cannot make synthetic inputs for this model, and say what can be used."""
-    from ohq_lightning.synthetic import _example_tensor
-
     try:
         _example_tensor(example_inputs)
     except ValueError as error:
@@ -334,15 +289,8 @@ def search(
 
     budget_from = budgets.get("sensitivity_budget") if isinstance(budgets.get("sensitivity_budget"), str) else None
     _resolve_sensitivity_budget(budgets, scores, option_names, costs)
-    solve_plan = functools.partial(
-        solve,
-        scores,
-        minimize=minimize,
-        tie_groups=tie_groups,
-        cost_weight=cost_weight,
-        options=option_names,
-        **budgets,
-    )
+    settings = dict(minimize=minimize, tie_groups=tie_groups, cost_weight=cost_weight, options=option_names, **budgets)
+    solve_plan = functools.partial(solve, scores, **settings)
     started = time.perf_counter()
     plan = solve_plan(costs)
     timings["solve"] = time.perf_counter() - started
@@ -360,8 +308,8 @@ def search(
             )
             plan = solve_plan(costs)
         settled = plan.assignment in measured
-        if not settled:  # keep the best plan it did time
-            plan = _best_measured_plan(solve_plan, costs, measured, minimize=minimize) or plan
+        if not settled:  # the last pick was never timed: keep the best plan that was, priced by the latest fit
+            plan = best_of(measured, scores, costs, **settings) or plan
         timings["refine"] = time.perf_counter() - started
 
     infos = {layer.name: layer for layer in trace.layers}

@@ -65,6 +65,7 @@ __all__ = [
     "MINIMIZE",
     "SWEEP_BUDGETS",
     "InfeasibleBudgetError",
+    "best_of",
     "check_budget_values",
     "check_sensitivity_budget",
     "pareto_sweep",
@@ -232,16 +233,7 @@ def solve(
         InfeasibleBudgetError: no assignment meets the budgets.
         RuntimeError: the solver failed otherwise (e.g. stopped on time without a solution).
     """
-    budgets = check_budget_values(
-        {
-            "compression_ratio": compression_ratio,
-            "latency_budget": latency_budget,
-            "energy_budget": energy_budget,
-            "bops_budget": bops_budget,
-        }
-    )
-    if sensitivity_budget is not None:
-        budgets["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
+    budgets = _checked_budgets(compression_ratio, latency_budget, energy_budget, bops_budget, sensitivity_budget)
     cost_weight = _check_objective_args(cost_weight, cost_metric, minimize, budgets, time_limit_s)
     model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric, minimize)
     program = _Program(_solver_objective(model, model.objective[0]), _budget_rows(model, budgets))
@@ -273,24 +265,105 @@ def solve(
         )
     choice = _prefer_fewer_bytes(model, choice, program.rows)
     _check_choice_meets_budgets(model, choice, budgets)
+    meta = _solve_meta(sensitivity, minimize, cost_weight, cost_metric, tie_groups, solve_s=solve_s)
     return _make_plan(
-        model,
-        choice,
-        sensitivity,
-        costs,
-        budgets,
-        status=status,
-        meta={
-            "solver": "pulp-cbc",
-            "solve_s": solve_s,
-            "sensitivity_method": sensitivity.method,
-            "minimize": minimize,
-            "cost_weight": cost_weight,
-            "cost_metric": cost_metric,
-            "time_limit_s": time_limit_s,
-            "tie_groups": [list(group) for group in tie_groups],
-        },
+        model, choice, sensitivity, costs, budgets, status=status, meta={**meta, "time_limit_s": time_limit_s}
     )
+
+
+def best_of(
+    assignments: Sequence[Mapping[str, str]],
+    sensitivity: SensitivityTable,
+    costs: CostTable,
+    *,
+    compression_ratio: float | None = None,
+    latency_budget: float | None = None,
+    energy_budget: float | None = None,
+    bops_budget: float | None = None,
+    sensitivity_budget: float | None = None,
+    tie_groups: Sequence[Sequence[str]] = (),
+    cost_weight: float = 0.0,
+    cost_metric: str = "latency_ms",
+    minimize: str = "sensitivity",
+    options: Sequence[str] | None = None,
+) -> QuantPlan | None:
+    """The best of ``assignments`` (layer -> option) by :func:`solve`'s own objective, without solving.
+
+    Takes :func:`solve`'s arguments (no time limit: nothing is solved) and prices every assignment
+    with ``costs``; those that break a budget, a tie group or the target's support are left out.
+    Returns the plan of the best one, as :func:`solve` would report it, or None when none is left.
+    Used to choose among plans known by other means, e.g. the plans a measuring target timed.
+    """
+    budgets = _checked_budgets(compression_ratio, latency_budget, energy_budget, bops_budget, sensitivity_budget)
+    cost_weight = _check_objective_args(cost_weight, cost_metric, minimize, budgets, None)
+    model = _build_model(sensitivity, costs, options, tie_groups, budgets, cost_weight, cost_metric, minimize)
+    ranked = []
+    for assignment in assignments:
+        choice = _choice_of(model, assignment)
+        if choice is None or not all(
+            _within(_evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]) for name in budgets
+        ):
+            continue
+        ranked.append((tuple(_evaluate(model, level, choice) for level in model.objective), choice))
+    if not ranked:
+        return None
+    best = min(ranked, key=lambda entry: entry[0])[1]
+    meta = _solve_meta(sensitivity, minimize, cost_weight, cost_metric, tie_groups, solve_s=0.0)
+    return _make_plan(model, best, sensitivity, costs, budgets, status="Optimal", meta={**meta, "time_limit_s": None})
+
+
+def _checked_budgets(
+    compression_ratio: float | None,
+    latency_budget: float | None,
+    energy_budget: float | None,
+    bops_budget: float | None,
+    sensitivity_budget: float | None,
+) -> dict[str, float]:
+    """The budgets given, validated (see :func:`check_budget_values`)."""
+    budgets = check_budget_values(
+        {
+            "compression_ratio": compression_ratio,
+            "latency_budget": latency_budget,
+            "energy_budget": energy_budget,
+            "bops_budget": bops_budget,
+        }
+    )
+    if sensitivity_budget is not None:
+        budgets["sensitivity_budget"] = check_sensitivity_budget(sensitivity_budget)
+    return budgets
+
+
+def _solve_meta(
+    sensitivity: SensitivityTable,
+    minimize: str,
+    cost_weight: float,
+    cost_metric: str,
+    tie_groups: Sequence[Sequence[str]],
+    *,
+    solve_s: float,
+) -> dict[str, Any]:
+    """What a plan's ``meta`` records of how it was chosen."""
+    return {
+        "solver": "pulp-cbc",
+        "solve_s": solve_s,
+        "sensitivity_method": sensitivity.method,
+        "minimize": minimize,
+        "cost_weight": cost_weight,
+        "cost_metric": cost_metric,
+        "tie_groups": [list(group) for group in tie_groups],
+    }
+
+
+def _choice_of(model: _Model, assignment: Mapping[str, str]) -> list[int] | None:
+    """``assignment`` as one option index per unit; None when a unit's members disagree or cannot run it."""
+    index = {name: i for i, name in enumerate(model.options)}
+    choice = []
+    for u, unit in enumerate(model.units):
+        picked = {assignment.get(model.layers[i]) for i in unit}
+        if len(picked) != 1 or (option := index.get(picked.pop())) is None or not model.allowed[u][option]:
+            return None
+        choice.append(option)
+    return choice
 
 
 def pareto_sweep(

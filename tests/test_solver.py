@@ -11,7 +11,7 @@ import re
 import pytest
 
 from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, QuantPlan, SensitivityTable
-from ohq_lightning.solver import BUDGETS, InfeasibleBudgetError, pareto_sweep, solve
+from ohq_lightning.solver import BUDGETS, InfeasibleBudgetError, best_of, pareto_sweep, solve
 
 OPTION_POOL = {"w2a8": 2, "w3a8": 3, "w4a8": 4, "w5a8": 5, "w6a8": 6, "w8a8": 8}
 
@@ -712,3 +712,25 @@ def test_minimize_latency_breaks_latency_ties_by_sensitivity_not_by_bytes() -> N
     plan = solve(sensitivity, table, minimize="latency", sensitivity_budget=40 * 3e-4 + 1e-9)
     assert set(plan.assignment.values()) == {"w8a8"}
     assert plan.predicted["latency_ms"] == pytest.approx(sum(1.0 + 0.01 * i for i in range(40)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_of_picks_what_solve_would_among_the_candidates_and_drops_those_over_a_budget(seed: int) -> None:
+    sens, costs = make_tables(4, ["w2a8", "w4a8", "w8a8"], seed)
+    mark_unsupported(costs, "block0.conv", "w2a8")
+    rng = random.Random(seed)
+    candidates = [dict(zip(costs.layers, rng.choices(costs.options, k=4), strict=True)) for _ in range(12)]
+    budgets = {"compression_ratio": 0.6, "cost_weight": 3.0}
+    fits = [
+        a
+        for a in candidates
+        if runnable(costs, a) and metric_total(costs, a, "weight_bytes") <= limit_of(costs, "compression_ratio", 0.6)
+    ]
+    plan = best_of(candidates, sens, costs, **budgets)
+    if not fits:
+        assert plan is None
+        return
+    best = min(fits, key=lambda a: objective(sens, costs, a, 3.0, "latency_ms"))
+    assert plan is not None and plan.assignment == best
+    assert plan.predicted["size_ratio"] <= 0.6 + 1e-9
+    assert best_of([candidates[0]], sens, costs, compression_ratio=1e-6) is None

@@ -137,7 +137,7 @@ def evaluate_plan(
     calibrated = apply_plan(copy.deepcopy(float_model), plan)
     calibrate(calibrated, calibration, progress=progress)
     results["ohq"]["calibration_only_accuracy"] = torch_accuracy(
-        calibrated.eval(), test_loader, num_classes, progress=progress
+        calibrated, test_loader, num_classes, progress=progress
     )
     results["fp32"]["torch_accuracy"] = torch_accuracy(float_model, test_loader, num_classes, progress=progress)
     return results
