@@ -1,4 +1,4 @@
-"""Choose one option per layer with an integer linear program (PuLP + the CBC solver it bundles).
+"""Choose one option per layer with an integer linear program (PuLP, solved by HiGHS).
 
 The program has one binary variable ``x[layer, option]`` per layer and candidate option, exactly
 one option per layer, and by default (``minimize="sensitivity"``) minimises
@@ -45,9 +45,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import numbers
+import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -96,6 +99,7 @@ _OBJECTIVE_SCALE = 1e6  # the solver sees objectives scaled so that their whole 
 _TIE_BREAK = 1e-9  # weight of the weight-bytes tie-break, relative to the objective range
 _LEXICOGRAPHIC_SLACK = 1e-7  # a secondary objective may cost the first this much, relative (solver tolerance)
 _ROW_SCALE = 1e6  # budget rows are written as sum(metric / limit * _ROW_SCALE) <= _ROW_SCALE
+_ROW_RANGE = 1e3  # ... unless the limit is this many times smaller than the largest term (see _scaled_row)
 _BUDGET_RTOL = 1e-9  # a recomputed total may exceed its limit by this much (float rounding)
 _TIE_RTOL = 1e-12  # objective coefficients this close count as equal in the post-solve pass
 
@@ -218,7 +222,7 @@ def solve(
         options: the candidate options (default: ``costs.options``); a subset of ``costs.options``
             and of every layer's sensitivity row (a score may be missing where the target cannot run
             the layer at that option). Entries the target marks unsupported are never chosen.
-        time_limit_s: CBC time limit per solve (``None``: no limit). When CBC stops on time with a
+        time_limit_s: solver time limit per solve (``None``: no limit). When HiGHS stops on time with a
             solution that it has not proven optimal, that plan is returned with status ``"Feasible"``
             and a :class:`RuntimeWarning`.
 
@@ -253,12 +257,12 @@ def solve(
         raise _infeasible_error(model, budgets, time_limit_s)
     if choice is None or status not in ("Optimal", "Feasible"):
         raise RuntimeError(
-            f"the ILP solver (CBC) returned status {status!r}"
+            f"the ILP solver (HiGHS) returned status {status!r}"
             + (f"; try a longer time_limit_s than {time_limit_s}" if time_limit_s is not None else "")
         )
     if status == "Feasible":
         warnings.warn(
-            f"CBC stopped at time_limit_s={time_limit_s} before proving the plan optimal; "
+            f"HiGHS stopped at time_limit_s={time_limit_s} before proving the plan optimal; "
             "returning the best plan found (status 'Feasible')",
             RuntimeWarning,
             stacklevel=2,
@@ -344,7 +348,7 @@ def _solve_meta(
 ) -> dict[str, Any]:
     """What a plan's ``meta`` records of how it was chosen."""
     return {
-        "solver": "pulp-cbc",
+        "solver": "pulp-highs",
         "solve_s": solve_s,
         "sensitivity_method": sensitivity.method,
         "minimize": minimize,
@@ -772,11 +776,32 @@ def _solver_objective(model: _Model, level: _Linear) -> _Linear:
 # ----------------------------------------------------------------------------- solving
 
 
-def _cbc(time_limit_s: float | None) -> pulp.LpSolver:
-    """PuLP's bundled CBC, quiet, with a zero relative gap (silences PuLP's v4 deprecation note)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, gapRel=0, timeLimit=time_limit_s)
+def _highs(time_limit_s: float | None) -> pulp.LpSolver:
+    """HiGHS through PuLP, quiet, single-threaded, with a zero relative gap.
+
+    Not PuLP's bundled CBC 2.10: its MIP preprocessing returned a wrong "optimal" plan for a
+    three-layer knapsack (see ``tests/test_solver.py``), and with preprocessing off it wrote
+    "optimal" solutions for infeasible programs.
+    """
+    return pulp.HiGHS(msg=False, gapRel=0, threads=1, timeLimit=time_limit_s)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Any:
+    """Send file descriptor 1 to /dev/null: HiGHS prints its banner from C++ whatever ``msg`` says."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real stdout (embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _variable(prob: pulp.LpProblem, name: str, cat: str = pulp.LpBinary, **bounds: float) -> pulp.LpVariable:
@@ -821,7 +846,8 @@ def _solve_ilp(model: _Model, program: _Program, time_limit_s: float | None) -> 
             prob += _expression(scaled, x, z) <= bound, f"budget_{k}"
         elif not _within(form.constant, limit):  # a constant row: it holds or it does not
             return "Infeasible", None
-    prob.solve(_cbc(time_limit_s))
+    with _quiet_stdout():
+        prob.solve(_highs(time_limit_s))
     status = _status_name(prob)
     if status not in ("Optimal", "Feasible"):
         return status, None
@@ -844,15 +870,21 @@ def _expression(form: _Linear, x: Sequence[Sequence[Any]], z: Sequence[Any]) -> 
 
 
 def _scaled_row(form: _Linear, limit: float) -> tuple[_Linear, float]:
-    """``form <= limit`` as ``scaled <= bound``, the limit (at limit 0: the largest term) scaled to ``_ROW_SCALE``."""
-    size = abs(limit) or max((abs(v) for v in itertools.chain(*form.table, form.switch)), default=0.0) or 1.0
+    """``form <= limit`` as ``scaled <= bound``, the limit scaled to ``_ROW_SCALE``.
+
+    A limit near zero (a held objective whose optimum is 0) scales by the largest term over
+    ``_ROW_RANGE`` instead, so no coefficient grows past ``_ROW_SCALE * _ROW_RANGE`` (HiGHS refuses
+    matrix values from 1e15 on, and PuLP does not notice).
+    """
+    largest = max((abs(v) for v in itertools.chain(*form.table, form.switch)), default=0.0)
+    size = max(abs(limit), largest / _ROW_RANGE) or 1.0
     table = [[value / size * _ROW_SCALE for value in row] for row in form.table]
     bound = limit / size * _ROW_SCALE - form.constant / size * _ROW_SCALE
     return _Linear(table, tuple(c / size * _ROW_SCALE for c in form.switch)), bound
 
 
 def _status_name(prob: pulp.LpProblem) -> str:
-    """PuLP's status, with 'Feasible' for a solution found before CBC stopped on time."""
+    """PuLP's status, with 'Feasible' for a solution found before the solver stopped on time."""
     if prob.status == pulp.LpStatusOptimal:
         return "Feasible" if prob.sol_status == pulp.LpSolutionIntegerFeasible else "Optimal"
     return str(pulp.LpStatus.get(prob.status, prob.status))
@@ -979,7 +1011,7 @@ def _infeasible_error(
 ) -> InfeasibleBudgetError | RuntimeError:
     """The error to raise when the main program is infeasible."""
     if not budgets:
-        return RuntimeError("the ILP solver (CBC) reported an infeasible program without budgets")
+        return RuntimeError("the ILP solver (HiGHS) reported an infeasible program without budgets")
     smallest: dict[str, float] = {}
     parts = []
     for name in budgets:

@@ -188,6 +188,49 @@ def test_smallest_feasible_matches_brute_force(seed: int) -> None:
     assert info.value.budgets == {name: pytest.approx(least * 0.9)}
 
 
+def _hand_tables(
+    sizes: dict[str, float], scores: dict[str, dict[str, float]], latency: dict[str, dict[str, float]] | None = None
+) -> tuple[SensitivityTable, CostTable]:
+    """Tables written out by hand: weight bytes follow the bits, latency is given or zero."""
+    options = list(next(iter(scores.values())))
+    costs = {
+        name: {
+            o: LayerCost(
+                weight_bytes=size * OPTION_POOL.get(o, 32) / 8,
+                bops=size * OPTION_POOL.get(o, 32) * 8,
+                latency_ms=(latency or {}).get(name, {}).get(o, 0.0),
+            )
+            for o in options
+        }
+        for name, size in sizes.items()
+    }
+    return SensitivityTable("kl", scores), CostTable("t", options, costs, dict(sizes))
+
+
+def test_a_knapsack_that_cbc_preprocessing_got_wrong() -> None:
+    # PuLP's bundled CBC 2.10 answered 2.0 ("optimal") here; moving layer0 instead of layer1 costs 1.0.
+    scores = {
+        "layer0": {"w2a8": 2.0, "w4a8": 0.0, "fp32": 0.0},
+        "layer1": {"w2a8": 1.0, "w4a8": 0.0, "fp32": 0.0},
+        "layer2": {"w2a8": 0.0, "w4a8": 0.0, "fp32": 0.0},
+    }
+    sens, costs = _hand_tables({"layer0": 1.0, "layer1": 1.0, "layer2": 3.0}, scores)
+    plan = solve(sens, costs, compression_ratio=0.3125)
+    assert plan.assignment == {"layer0": "w4a8", "layer1": "w2a8", "layer2": "w2a8"}
+    assert plan.predicted["sensitivity"] == 1.0
+
+
+def test_a_held_objective_of_zero_keeps_every_row() -> None:
+    # Minimising latency reaches 0 ms; holding it for the sensitivity level once scaled its row by 1e25,
+    # which HiGHS refuses (and PuLP then failed with an IndexError).
+    scores = {"l0": {"w8a8": 7.0, "w4a8": 0.1}, "l1": {"w8a8": 5.9, "w4a8": 1.0}}
+    latency = {"l0": {"w8a8": 3.154, "w4a8": 0.0}, "l1": {"w8a8": 4.66, "w4a8": 0.0}}
+    sens, costs = _hand_tables({"l0": 388.0, "l1": 56.0}, scores, latency)
+    plan = solve(sens, costs, minimize="latency", latency_budget=8.0, sensitivity_budget=2.09)
+    assert plan.assignment == {"l0": "w4a8", "l1": "w4a8"}
+    assert plan.predicted["latency_ms"] == 0.0
+
+
 def test_no_budget_picks_each_layers_best_option() -> None:
     sens, costs = make_tables(12, ["w2a8", "w4a8", "w8a8"], 7, monotone=False)
     plan = solve(sens, costs)
@@ -456,7 +499,7 @@ def test_plan_contents() -> None:
     assert list(plan.assignment) == costs.layers
     assert [row["name"] for row in plan.layers] == costs.layers
     assert set(plan.predicted) == {"size_ratio", "weight_bytes", "bops", "sensitivity", "latency_ms", "energy_mj"}
-    assert plan.meta["solver"] == "pulp-cbc" and plan.meta["solve_s"] >= 0 and plan.meta["cost_weight"] == 0.0
+    assert plan.meta["solver"] == "pulp-highs" and plan.meta["solve_s"] >= 0 and plan.meta["cost_weight"] == 0.0
     for row in plan.layers:
         cost = costs.costs[row["name"]][row["option"]]
         assert row["option"] == plan.assignment[row["name"]]
