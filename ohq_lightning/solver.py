@@ -756,8 +756,13 @@ def _normalised(form: _Linear) -> _Linear:
     """Drop the constant, shift each row to a minimum of 0 and scale so the whole range is ``_OBJECTIVE_SCALE``."""
     shifted = [[value - min(row) for value in row] for row in form.table]
     span = math.fsum([*(max(row) for row in shifted), *form.switch])
-    factor = _OBJECTIVE_SCALE / span if span > 0 else 0.0
-    return _Linear([[value * factor for value in row] for row in shifted], tuple(c * factor for c in form.switch))
+    if span <= 0:
+        return _Linear([[0.0] * len(row) for row in shifted], tuple(0.0 for _ in form.switch))
+    # Divide first: a subnormal span (scores 1e-313 apart) would make the factor alone infinite.
+    return _Linear(
+        [[value / span * _OBJECTIVE_SCALE for value in row] for row in shifted],
+        tuple(c / span * _OBJECTIVE_SCALE for c in form.switch),
+    )
 
 
 def _solver_objective(model: _Model, level: _Linear) -> _Linear:

@@ -220,6 +220,12 @@ def test_a_knapsack_that_cbc_preprocessing_got_wrong() -> None:
     assert plan.predicted["sensitivity"] == 1.0
 
 
+def test_scores_a_subnormal_apart_are_a_tie() -> None:
+    # Normalising by a span of 2e-313 once made an infinite coefficient, which PuLP refuses.
+    sens, costs = _hand_tables({"layer0": 1.0}, {"layer0": {"w2a8": 0.0, "w4a8": 2.2250738585e-313}})
+    assert solve(sens, costs, compression_ratio=1.0).assignment == {"layer0": "w2a8"}
+
+
 def test_a_held_objective_of_zero_keeps_every_row() -> None:
     # Minimising latency reaches 0 ms; holding it for the sensitivity level once scaled its row by 1e25,
     # which HiGHS refuses (and PuLP then failed with an IndexError).
