@@ -11,11 +11,12 @@ resolution with its float-training settings, ``recipes/*.yaml``), with options w
    ceiling: the Spearman correlation between the ground truths of two disjoint random halves of
    the images (mean over many splits), and the Spearman-Brown reliability of the full set.
 2. **Providers**, each timed in this one run: MQE (the ``quantize`` reading) on 8 Gaussian
-   inputs (``--mqe-samples``), MQE on 8 BN-distilled inputs (search's default), MQE's ``random_mask`` reading on those
-   distilled inputs, the weight quantization error, the HAWQ-style Hessian trace x weight error
-   (Hutchinson, 100 samples by default, absolute traces, over 64 train images with their labels
-   and the cross-entropy loss),
-   and random scores. For each: Spearman and Kendall with the ground truth, pooled over layers x
+   inputs (``--mqe-samples``), MQE on 8 BN-distilled inputs (search's default), MQE on 8 real
+   train images without their labels (what a user with a few unlabelled images could pass as a
+   provider), MQE's ``random_mask`` reading on the distilled inputs, the weight quantization
+   error, the HAWQ-style Hessian trace x weight error (Hutchinson, 100 samples by default,
+   absolute traces, over 64 train images with their labels and the cross-entropy loss), and
+   random scores. For each: Spearman and Kendall with the ground truth, pooled over layers x
    options and per option, the pooled Spearman's ratio to the split-half ceiling, and 95%
    bootstrap intervals (images and layers resampled together), plus the paired difference of the
    pooled Spearman against the Hessian's.
@@ -75,7 +76,7 @@ from ohq_lightning.synthetic import distilled_inputs, gaussian_inputs
 
 OPTIONS = ("w8a8", "w4a8", "w2a8")
 BUDGET_BITS = (3.0, 3.5, 4.0)
-PROVIDERS = ("mqe_gaussian", "mqe_distilled", "mqe_random_mask", "weight_error", "hessian", "random")
+PROVIDERS = ("mqe_gaussian", "mqe_distilled", "mqe_real", "mqe_random_mask", "weight_error", "hessian", "random")
 #: The MQE the targets are checked for: search's default (quantize reading, distilled inputs).
 MQE_DEFAULT = "mqe_distilled"
 RECIPES = {"resnet18": "resnet18.yaml", "mobilenetv3_small_100": "mobilenetv3_small.yaml"}
@@ -256,6 +257,7 @@ def providers(
     layers: list,
     example: torch.Tensor,
     hessian_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    real_images: torch.Tensor,
     *,
     hessian_iterations: int,
     mqe_samples: int,
@@ -284,6 +286,11 @@ def providers(
         "inputs": f"{mqe_samples} BN-distilled ({distill_steps} Adam steps)",
         "method": "quantize",
     }
+
+    started = time.perf_counter()
+    tables["mqe_real"] = mqe_sensitivity(model, real_images, layers, OPTIONS, seed=seed, progress=False)
+    seconds["mqe_real"] = time.perf_counter() - started
+    settings["mqe_real"] = {"inputs": f"{len(real_images)} real train images, no labels", "method": "quantize"}
 
     started = time.perf_counter()
     tables["mqe_random_mask"] = mqe_sensitivity(
@@ -562,6 +569,7 @@ def bench_model(
         layers,
         example,
         hessian_batches,
+        split["x_train"][-mqe_samples:],
         hessian_iterations=hessian_iterations,
         mqe_samples=mqe_samples,
         distill_steps=distill_steps,
