@@ -53,7 +53,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -792,7 +792,7 @@ def _highs(time_limit_s: float | None) -> pulp.LpSolver:
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Any:
+def _quiet_stdout() -> Iterator[None]:
     """Send file descriptor 1 to /dev/null: HiGHS prints its banner from C++ whatever ``msg`` says."""
     try:
         sys.stdout.flush()
