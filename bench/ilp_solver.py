@@ -89,8 +89,9 @@ def random_problem(rng: random.Random, max_layers: int) -> tuple[SensitivityTabl
             arguments["compression_ratio"] = rng.uniform(0.05, 1.0)
     else:
         arguments["compression_ratio"] = rng.uniform(0.05, 1.0)
-        if rng.random() < 0.5:
-            arguments["latency_budget"] = rng.uniform(min(latencies), max(latencies) * 1.1)
+        latency_budget = rng.uniform(min(latencies), max(latencies) * 1.1)
+        if rng.random() < 0.5 and latency_budget > 0:  # a budget must be > 0 (every latency may be 0)
+            arguments["latency_budget"] = latency_budget
     return sensitivity, table, arguments
 
 

@@ -193,6 +193,20 @@ def test_search_takes_baselines_by_name_a_precomputed_table_or_a_provider(tiny_n
     assert plan.meta["sensitivity_method"] == "hessian" and calls == [(len(layers), OPTIONS)]
 
 
+def test_mqe_on_given_images_is_a_provider_as_the_readme_shows(tiny_net, tiny_input):
+    kwargs = {"compression_ratio": 0.5, "options": OPTIONS, "progress": False}
+    images = torch.rand(4, 3, 16, 16)
+    plan = search(
+        tiny_net,
+        tiny_input,
+        sensitivity=lambda m, layers, options: mqe_sensitivity(m, images, layers, options),
+        **kwargs,
+    )
+    direct = mqe_sensitivity(tiny_net, images, trace_layers(tiny_net, tiny_input).layers, OPTIONS)
+    assert plan.meta["synthetic"] is None and plan.meta["sensitivity_method"] == direct.method
+    assert {row["name"]: row["scores"] for row in plan.layers} == direct.scores
+
+
 def test_search_refuses_an_incomplete_table_or_a_bad_sensitivity(tiny_net, tiny_input):
     kwargs = {"compression_ratio": 0.5, "options": OPTIONS, "progress": False}
     partial_table = SensitivityTable(method="mine", scores={"fc": dict.fromkeys(OPTIONS, 1.0)})
