@@ -38,6 +38,25 @@ def exported():
     return model, example, names, graph, ranges
 
 
+def _grid_error(values: np.ndarray, grid: ActivationRange) -> float:
+    """Mean squared error of ``values`` on the uint8 grid of ``grid``."""
+    scale, zero_point = grid.qparams()
+    levels = np.clip(np.round(values / scale) + zero_point, 0, 255)
+    return float(np.mean(((levels - zero_point) * scale - values) ** 2))
+
+
+def test_input_ranges_trade_a_rare_outlier_for_a_finer_grid_when_that_lowers_the_error(exported):
+    _, _, names, graph, _ = exported
+    images = torch.rand(2048, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, 0] = 20.0  # one outlier among 1.57 million values in [0, 1)
+    found = activation_ranges(graph, names, [images])["stem.0"][0]
+    assert found.low == 0.0 and 1.0 <= found.high < 0.5 * 20.0
+    values = images.numpy().ravel()
+    assert _grid_error(values, found) < 0.5 * _grid_error(values, ActivationRange(0.0, 20.0))
+    few = images[:8].clone()  # 6,144 values: clipping the outlier would cost more than the finer grid saves
+    assert activation_ranges(graph, names, [few])["stem.0"][0].high > 0.9 * 20.0
+
+
 def test_every_layer_maps_to_its_onnx_node(exported):
     _, _, names, graph, _ = exported
     nodes = layer_nodes(graph, names)

@@ -139,8 +139,9 @@ def convert(
       (after a ``Relu``/``Clip`` that follows it) is quantized to 8 bits, which the fake-quant model
       does not do. An output that feeds only integer layers with one common input grid is quantized
       on that grid, which they quantize to anyway (no extra error); any other (before a Hardswish,
-      an add, a pooling, a float layer) gets the uint8 grid of its range over ``calibration_inputs``:
-      up to half a step (range / 510) of error per element. A ``Gemm`` whose output feeds no integer
+      an add, a pooling, a float layer) gets the uint8 grid of its least-error clipped range over
+      ``calibration_inputs`` (:func:`~ohq_lightning.deploy.onnx_qdq.activation_ranges`): up to half
+      a step of error per element, more for the few values beyond the clip. A ``Gemm`` whose output feeds no integer
       layer writes float (no requantization);
     * **arithmetic**: ORT accumulates exactly in int32 with the bias in int32 at step
       ``input_scale * weight_scale`` and rescales in float; PyTorch adds up the fake-quantized

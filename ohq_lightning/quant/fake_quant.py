@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CLIP_RATIOS",
     "ActivationFakeQuant",
     "FloatCast",
     "WeightFakeQuant",
@@ -26,7 +27,7 @@ __all__ = [
     "round_ste",
 ]
 
-_CLIP_RATIOS = torch.linspace(0.15, 1.0, 35)
+CLIP_RATIOS = tuple(torch.linspace(0.15, 1.0, 35).tolist())  # fractions of the peak an MSE step search tries
 _MIN_SCALE = 1e-8
 _MAX_SEARCH_VALUES = 1 << 16
 
@@ -122,7 +123,7 @@ def mse_scale(x: torch.Tensor, bits: int, signed: bool, dim: int | None = None) 
         flat = flat[:, :: -(-flat.shape[1] // _MAX_SEARCH_VALUES)]
     best_err = torch.full_like(peak, float("inf"))
     best = peak.clone()
-    for ratio in _CLIP_RATIOS.tolist():
+    for ratio in CLIP_RATIOS:
         scale = peak * ratio
         err = (torch.clamp(torch.round(flat / scale[:, None]), qmin, qmax) * scale[:, None] - flat).pow(2).mean(dim=1)
         better = err < best_err
