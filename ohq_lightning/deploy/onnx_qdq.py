@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +219,7 @@ def activation_ranges(
 _RANGE_BINS = 16384  # histogram bins per tensor: 8 per uint8 step even at the smallest clipping ratio
 
 
-def _probe_outputs(session: Any, batches: Sequence[Any], tensors: Sequence[str]) -> Any:
+def _probe_outputs(session: Any, batches: Sequence[Any], tensors: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
     """Yield, per call of ``session`` on ``batches`` (in chunks of its fixed batch size), the wanted tensors."""
     input_name = session.get_inputs()[0].name
     outputs = [output.name for output in session.get_outputs()]
