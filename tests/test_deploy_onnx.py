@@ -53,6 +53,7 @@ def test_input_ranges_trade_a_rare_outlier_for_a_finer_grid_when_that_lowers_the
     assert found.low == 0.0 and 1.0 <= found.high < 0.5 * 20.0
     values = images.numpy().ravel()
     assert _grid_error(values, found) < 0.5 * _grid_error(values, ActivationRange(0.0, 20.0))
+    assert activation_ranges(graph, names, [images], clip=False)["stem.0"][0] == ActivationRange(0.0, 20.0)
     few = images[:8].clone()  # 6,144 values: clipping the outlier would cost more than the finer grid saves
     assert activation_ranges(graph, names, [few])["stem.0"][0].high > 0.9 * 20.0
 
