@@ -304,9 +304,7 @@ def best_of(
     ranked = []
     for assignment in assignments:
         choice = _choice_of(model, assignment)
-        if choice is None or not all(
-            _within(_evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]) for name in budgets
-        ):
+        if choice is None or _budget_overruns(model, choice, budgets):
             continue
         ranked.append((tuple(_evaluate(model, level, choice) for level in model.objective), choice))
     if not ranked:
@@ -968,13 +966,21 @@ def _check_choice_meets_budgets(model: _Model, choice: Sequence[int], budgets: M
             raise RuntimeError(
                 f"the ILP solver picked {model.options[option]!r} for {members}, which the target cannot run"
             )
-    for name in budgets:
-        total, limit = _evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]
-        if not _within(total, limit):
-            raise RuntimeError(
-                f"the ILP solver returned a plan with {_FORM_OF[name]} {total!r} over the {name} limit {limit!r} "
-                "(numerical tolerance); try a slightly different budget"
-            )
+    overruns = _budget_overruns(model, choice, budgets)
+    if overruns:
+        name, total, limit = overruns[0]
+        raise RuntimeError(
+            f"the ILP solver returned a plan with {_FORM_OF[name]} {total!r} over the {name} limit {limit!r} "
+            "(numerical tolerance); try a slightly different budget"
+        )
+
+
+def _budget_overruns(
+    model: _Model, choice: Sequence[int], budgets: Mapping[str, float]
+) -> list[tuple[str, float, float]]:
+    """``(budget, total, limit)`` for each budget ``choice`` breaks beyond float rounding."""
+    totals = [(name, _evaluate(model, model.forms[_FORM_OF[name]], choice), model.limits[name]) for name in budgets]
+    return [(name, total, limit) for name, total, limit in totals if not _within(total, limit)]
 
 
 # ----------------------------------------------------------------------------- infeasibility

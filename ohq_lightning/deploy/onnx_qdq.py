@@ -207,22 +207,11 @@ def activation_ranges(
         chosen = {name: ActivationRange(low[name], high[name]) for name in tensors}
         return _layer_ranges(nodes, anchors, chosen)
     counts = {name: np.zeros(_RANGE_BINS, dtype=np.int64) for name in tensors}
-    pending: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-
-    def add_pending() -> None:  # one histogram per tensor and _HISTOGRAM_CALLS outputs: fewer, larger calls
-        for name, arrays in pending.items():
-            if arrays:
-                width = max(high[name] - low[name], 1e-12) / _RANGE_BINS
-                index = ((np.concatenate([a.ravel() for a in arrays]) - low[name]) / width).astype(np.int64)
-                counts[name] += np.bincount(np.clip(index, 0, _RANGE_BINS - 1), minlength=_RANGE_BINS)
-                arrays.clear()
-
-    for call, values in enumerate(_probe_outputs(session, batches, tensors), 1):  # second pass: histograms
+    for values in _probe_outputs(session, batches, tensors):  # second pass: histograms over the full ranges
         for name, value in values.items():
-            pending[name].append(value)
-        if call % _HISTOGRAM_CALLS == 0:
-            add_pending()
-    add_pending()
+            width = max(high[name] - low[name], 1e-12) / _RANGE_BINS
+            index = np.clip(((value - low[name]) / width).astype(np.int64), 0, _RANGE_BINS - 1)
+            counts[name] += np.bincount(index, minlength=_RANGE_BINS)
     chosen = {name: _least_error_range(low[name], high[name], counts[name]) for name in tensors}
     return _layer_ranges(nodes, anchors, chosen)
 
@@ -242,23 +231,32 @@ def _layer_ranges(
 
 
 _RANGE_BINS = 16384  # histogram bins per tensor: 8 per uint8 step even at the smallest clipping ratio
-_HISTOGRAM_CALLS = 32  # graph calls whose outputs are histogrammed together
+_PROBE_CALLS = 32  # graph calls whose outputs _probe_outputs hands over together (fewer, larger numpy calls)
 
 
 def _probe_outputs(session: Any, batches: Sequence[Any], tensors: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
-    """Yield, per call of ``session`` on ``batches`` (in chunks of its fixed batch size), the wanted tensors."""
+    """Run ``session`` on ``batches`` (in chunks of its fixed batch size) and yield the wanted tensors,
+    flattened and concatenated over up to ``_PROBE_CALLS`` calls at a time."""
     input_name = session.get_inputs()[0].name
     outputs = [output.name for output in session.get_outputs()]
-    wanted = set(tensors)
+    pending: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     batch_size = session.get_inputs()[0].shape[0]
+    calls = 0
     for batch in batches:
         array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
         if isinstance(batch_size, int) and len(array) % batch_size:
             raise ValueError(f"calibration batches must hold a multiple of the exported batch size {batch_size}")
         chunks = [array] if not isinstance(batch_size, int) else np.split(array, len(array) // batch_size)
         for chunk in chunks:  # the exported graph has a fixed batch size
-            results = session.run(None, {input_name: chunk.astype(np.float32)})
-            yield {name: value for name, value in zip(outputs, results, strict=True) if name in wanted}
+            for name, value in zip(outputs, session.run(None, {input_name: chunk.astype(np.float32)}), strict=True):
+                if name in pending:
+                    pending[name].append(value.ravel())
+            calls += 1
+            if calls % _PROBE_CALLS == 0:
+                yield {name: np.concatenate(arrays) for name, arrays in pending.items()}
+                pending = {name: [] for name in tensors}
+    if calls % _PROBE_CALLS:
+        yield {name: np.concatenate(arrays) for name, arrays in pending.items()}
 
 
 def _least_error_range(low: float, high: float, counts: np.ndarray) -> ActivationRange:
