@@ -27,8 +27,8 @@ import time
 import timm
 import torch
 
+from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.hardware.cuda import CUDATarget, DeviceInfo, Kernel, synchronized_timer
-from ohq_lightning.hardware.timing import TimingSettings
 from ohq_lightning.layers import trace_layers
 
 OPTIONS = ("fp32", "fp16", "bf16", "w8a8")

@@ -28,11 +28,11 @@ import numpy as np
 import timm
 import torch
 
+from ohq_lightning._util.timing import TimingSettings, set_threads
 from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
 from ohq_lightning.deploy.torch_int8 import TorchDeployedModel, TorchInt8Builder
 from ohq_lightning.hardware import CPUTarget
 from ohq_lightning.hardware.ort_ops import ort_session
-from ohq_lightning.hardware.timing import TimingSettings, set_threads
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import CostTable, SensitivityTable
 from ohq_lightning.solver import solve

@@ -19,9 +19,9 @@ import json
 import timm
 import torch
 
+from ohq_lightning._util.timing import TimingSettings, set_threads, time_callable
 from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
 from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, ort_session
-from ohq_lightning.hardware.timing import TimingSettings, set_threads, time_callable
 from ohq_lightning.layers import trace_layers
 
 

@@ -16,7 +16,7 @@ from ohq_lightning.plan import CostTable, LayerInfo, Option, QuantPlan, Sensitiv
 from ohq_lightning.sensitivity import METHODS, MQE_METHODS, SensitivityProvider, mqe_sensitivity
 from ohq_lightning.sensitivity_baselines import random_sensitivity, weight_error_sensitivity
 from ohq_lightning.solver import best_of, check_budget_values, check_sensitivity_budget, solve
-from ohq_lightning.synthetic import _example_tensor, synthetic_inputs
+from ohq_lightning.synthetic import example_tensor, synthetic_inputs
 
 __all__ = ["search", "validate_budgets"]
 
@@ -151,7 +151,7 @@ def _baseline_scores(
 def _check_mqe_inputs(example_inputs: Any) -> None:
     """Fail before any work when MQE cannot make synthetic inputs for this model, and say what can be used."""
     try:
-        _example_tensor(example_inputs)
+        example_tensor(example_inputs)
     except ValueError as error:
         raise ValueError(
             f"MQE scores layers on synthetic inputs: {error}. For such a model use sensitivity='weight_error' "

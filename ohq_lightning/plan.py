@@ -18,13 +18,13 @@ Definitions used everywhere in the project:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ohq_lightning._util.jsonable import JsonMixin
 
 __all__ = [
     "MAX_BITS",
@@ -129,49 +129,8 @@ def parse_options(names: Any) -> tuple[Option, ...]:
     return parsed
 
 
-class _JsonMixin:
-    """JSON round-trip for the dataclasses of this module."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (dicts, lists, numbers, strings)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**data)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """Serialise to a JSON string; also write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> Any:
-        """Read from a JSON string or from a path to a JSON file.
-
-        Raises:
-            ValueError: the text is not JSON, or not a JSON object of this class's fields; the
-                message names the file (or says it was a string) and what is wrong.
-        """
-        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-            source = str(text_or_path)
-            text = Path(text_or_path).read_text()
-        else:
-            source, text = "the JSON text given", str(text_or_path)
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, found a {type(data).__name__}")
-            return cls.from_dict(data)
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            raise ValueError(f"{source}: not a valid {cls.__name__} file ({type(error).__name__}: {error})") from error
-
-
 @dataclass
-class LayerInfo(_JsonMixin):
+class LayerInfo(JsonMixin):
     """One quantizable layer, as found by a traced forward pass (shapes are per call, batch 1 MACs)."""
 
     name: str
@@ -223,7 +182,7 @@ class LayerInfo(_JsonMixin):
 
 
 @dataclass
-class LayerCost(_JsonMixin):
+class LayerCost(JsonMixin):
     """Cost of one layer at one option; ``source`` says where the numbers came from.
 
     ``source`` is e.g. ``"analytical"``, ``"measured"``, ``"table"``, or :data:`UNSUPPORTED` when the
@@ -243,7 +202,7 @@ class LayerCost(_JsonMixin):
 
 
 @dataclass
-class CostTable(_JsonMixin):
+class CostTable(JsonMixin):
     """OQA output: layer -> option -> :class:`LayerCost`, plus each layer's 8-bit weight bytes.
 
     Layers are listed in the order the forward pass runs them. Two optional latency terms make
@@ -319,7 +278,7 @@ class CostTable(_JsonMixin):
 
 
 @dataclass
-class SensitivityTable(_JsonMixin):
+class SensitivityTable(JsonMixin):
     """MQE output: layer -> option -> accuracy impact (KL divergence; higher is worse)."""
 
     method: str
@@ -333,7 +292,7 @@ class SensitivityTable(_JsonMixin):
 
 
 @dataclass
-class QuantPlan(_JsonMixin):
+class QuantPlan(JsonMixin):
     """One option per layer, with predicted totals and the budgets it was solved under.
 
     ``assignment`` maps layer name to option name (``"w4a8"``, ``"fp32"``...). ``predicted``

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ohq_lightning._util.progress import progress_bar
 from ohq_lightning.layers import first_tensor, is_weight_pruned, preserved_state, run_model, weight_parameter
 from ohq_lightning.plan import LayerInfo, Option, SensitivityTable, parse_options
-from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import QuantLayer
 from ohq_lightning.quant.swap import apply_plan, quantized_layers, strip_plan

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ohq_lightning._util.progress import progress_bar
 from ohq_lightning.layers import float_weight, is_weight_pruned, weight_parameter
 from ohq_lightning.plan import MAX_BITS, LayerInfo, Option, SensitivityTable, parse_options
-from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import FloatCast, WeightFakeQuant
 from ohq_lightning.quant.swap import quantized_layers
 

@@ -12,7 +12,6 @@ an example input of several arguments or of keywords is rejected.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ohq_lightning._util.cache import cache_root
+from ohq_lightning._util.progress import progress_bar
 from ohq_lightning.layers import preserved_state
-from ohq_lightning.progress import progress_bar
 
 __all__ = [
-    "cache_root",
-    "default_cache_dir",
     "distilled_inputs",
     "gaussian_inputs",
     "model_fingerprint",
@@ -34,19 +32,6 @@ __all__ = [
 ]
 
 _CACHE_VERSION = "distill-v1"
-
-
-def default_cache_dir() -> Path:
-    """``$OHQ_CACHE_DIR``, else ``~/.cache/ohq_lightning``."""
-    env = os.environ.get("OHQ_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "ohq_lightning"
-
-
-def cache_root(cache_dir: str | Path | bool | None) -> Path | None:
-    """Where a cache lives: ``None``/``True`` -> :func:`default_cache_dir`, ``False`` -> no disk cache."""
-    if cache_dir is False:
-        return None
-    return default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -79,7 +64,7 @@ def _describe(example_inputs: Any) -> str:
     return f"a {type(example_inputs).__name__}"
 
 
-def _example_tensor(example_inputs: Any) -> torch.Tensor:
+def example_tensor(example_inputs: Any) -> torch.Tensor:
     """The one input tensor of ``example_inputs``: a tensor, or a 1-tuple or 1-list holding one."""
     tensor = example_inputs
     if isinstance(tensor, (tuple, list)) and len(tensor) == 1:
@@ -101,7 +86,7 @@ def gaussian_inputs(example_inputs: Any, num_samples: int = 8, *, seed: int = 0)
         >>> gaussian_inputs(torch.zeros(1, 3, 8, 8), 4).shape
         torch.Size([4, 3, 8, 8])
     """
-    example = _example_tensor(example_inputs)
+    example = example_tensor(example_inputs)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_samples, *example.shape[1:]), generator=generator)
     return noise.to(device=example.device, dtype=example.dtype)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import make_tiny_net, same_state, state_snapshot
 
+from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.deploy import convert, measure_latency, uniform
-from ohq_lightning.hardware.timing import TimingSettings
 from ohq_lightning.quant import apply_plan, quantized_layers
 
 QUICK = TimingSettings(warmup=1, min_repeats=3, max_seconds=0.05)

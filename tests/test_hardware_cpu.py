@@ -3,8 +3,8 @@ import torch
 from conftest import make_tiny_net
 
 import ohq_lightning as ohq
+from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.hardware import CPUTarget, create_target
-from ohq_lightning.hardware.timing import TimingSettings
 from ohq_lightning.layers import trace_layers
 
 QUICK = TimingSettings(warmup=1, min_repeats=3, max_repeats=20, max_seconds=0.02, rel_spread=0.05)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import ohq_lightning as ohq
+from ohq_lightning._util.timing import Timing, TimingSettings
 from ohq_lightning.hardware import CUDATarget, NvmlEnergyMeter, create_target, known_targets
 from ohq_lightning.hardware import cuda as cuda_module
 from ohq_lightning.hardware.cuda import (
@@ -30,7 +31,6 @@ from ohq_lightning.hardware.cuda import (
     synchronized_timer,
     transition_kernels,
 )
-from ohq_lightning.hardware.timing import Timing, TimingSettings
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import CostTable, LayerInfo, SensitivityTable
 

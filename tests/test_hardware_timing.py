@@ -3,8 +3,8 @@ import time
 
 import pytest
 
+from ohq_lightning._util.timing import RaplEnergyMeter, Timing, TimingSettings, time_callable
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
-from ohq_lightning.hardware.timing import RaplEnergyMeter, Timing, TimingSettings, time_callable
 
 
 def test_time_callable_measures_a_known_duration():
@@ -89,7 +89,7 @@ def test_rapl_meter_counts_packages_not_their_subzones(tmp_path):
 
 
 def test_interleaved_timing_ranks_operations_and_reports_each():
-    from ohq_lightning.hardware.timing import time_interleaved
+    from ohq_lightning._util.timing import time_interleaved
 
     short, long = time_interleaved(
         [lambda: time.sleep(0.001), lambda: time.sleep(0.003)],

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ohq_lightning as ohq
+from ohq_lightning._util.timing import Timing
 from ohq_lightning.hardware.cache import TimingCache
-from ohq_lightning.hardware.timing import Timing
 from ohq_lightning.plan import CostTable, LayerCost, QuantPlan, SensitivityTable
 from ohq_lightning.quant import QuantLayer, apply_plan, quantized_layers, strip_plan
 from ohq_lightning.solver import InfeasibleBudgetError, solve

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ohq_lightning.hardware.timing import TimingSettings
+from ohq_lightning._util.progress import progress_bar
+from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import LayerInfo, Option, QuantPlan
-from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant import apply_plan, calibrate, quantized_layers, strip_plan
 
 __all__ = ["deployed_accuracy", "evaluate_plan", "model_size_bytes", "torch_accuracy"]

@@ -22,11 +22,11 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ohq_lightning._util.timing import TimingSettings, set_threads
 from ohq_lightning.cli.config import JobConfig, OHQConfig
 from ohq_lightning.cli.data import ImageData, build_data
 from ohq_lightning.cli.evaluate import evaluate_plan
 from ohq_lightning.cli.model import build_model, classifier
-from ohq_lightning.hardware.timing import TimingSettings, set_threads
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.report import format_plan_table, format_table
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ohq_lightning._util.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.deploy.onnx_qdq import (
     FixedQuantization,
     QDQBuilder,
@@ -21,11 +21,10 @@ from ohq_lightning.deploy.onnx_qdq import (
     input_qparams,
 )
 from ohq_lightning.hardware.ort_ops import ort_session
-from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import Option, QuantPlan
 from ohq_lightning.quant.export import learned_quantization
-from ohq_lightning.quant.swap import quantized_layers, strip_plan
+from ohq_lightning.quant.swap import float_copy, quantized_layers
 
 __all__ = ["DeployedModel", "SupportsRunner", "convert", "learned_grids", "measure_latency", "uniform"]
 
@@ -71,13 +70,6 @@ class DeployedModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.onnx_model.SerializeToString())
         return path
-
-
-def _float_copy(model: nn.Module) -> nn.Module:
-    """The model with every fake-quant layer replaced by the float layer it wraps (a copy if needed)."""
-    if not quantized_layers(model):
-        return model
-    return strip_plan(copy.deepcopy(model))
 
 
 def learned_grids(model: nn.Module, plan: QuantPlan | Mapping[str, str]) -> dict[str, FixedQuantization]:
@@ -167,7 +159,7 @@ def convert(
         threads: intra-op threads of the session.
     """
     assignment = dict(plan.assignment if isinstance(plan, QuantPlan) else plan)
-    float_model = _float_copy(model)
+    float_model = float_copy(model)
     graph = export_onnx(float_model, example_inputs)
     names = trace_layers(float_model, example_inputs).names()
     unknown = sorted(set(assignment) - set(names))

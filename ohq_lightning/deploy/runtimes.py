@@ -53,7 +53,7 @@ def deploy_uniform(
 
 def uniform_assignment(model: nn.Module, option: str, example_inputs: torch.Tensor) -> dict[str, str]:
     """Every quantizable layer of ``model`` (the float layers of a fake-quant model) at ``option``."""
-    from ohq_lightning.deploy.ort import _float_copy
     from ohq_lightning.layers import trace_layers
+    from ohq_lightning.quant.swap import float_copy
 
-    return dict.fromkeys(trace_layers(_float_copy(model), example_inputs).names(), option)
+    return dict.fromkeys(trace_layers(float_copy(model), example_inputs).names(), option)

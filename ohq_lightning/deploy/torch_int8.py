@@ -92,12 +92,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ohq_lightning.deploy.ort import _float_copy
-from ohq_lightning.hardware.timing import set_threads
+from ohq_lightning._util.timing import set_threads
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import Option, QuantPlan
 from ohq_lightning.quant.export import LearnedQuantization, learned_quantization
 from ohq_lightning.quant.fake_quant import int_range, mse_scale
+from ohq_lightning.quant.swap import float_copy
 
 __all__ = ["ENGINES", "TorchDeployedModel", "TorchInt8Builder", "convert_torch", "quantized_engine", "uniform_torch"]
 
@@ -417,7 +417,7 @@ class TorchInt8Builder:
         self.engine = engine
         self.example_inputs = example_inputs.detach().float().cpu()
         learned = learned_quantization(model)
-        float_model = _float_copy(model)
+        float_model = float_copy(model)
         if float_model is model:
             float_model = copy.deepcopy(model)
         float_model = float_model.cpu().float().eval()
@@ -640,7 +640,7 @@ def convert_torch(
         calibration_inputs: batches whose ranges set activation quantization where no learned step
             exists (default: the example).
         threads: torch intra-op threads (process-wide: set once per process, see
-            :func:`~ohq_lightning.hardware.timing.set_threads`).
+            :func:`~ohq_lightning._util.timing.set_threads`).
         engine: torch's quantized engine: ``"x86"`` (default), ``"fbgemm"``, ``"onednn"`` or ``"qnnpack"`` (ARM).
 
     Raises:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ohq_lightning.hardware.timing import Timing
+from ohq_lightning._util.cache import atomic_write
+from ohq_lightning._util.timing import Timing
 
 __all__ = ["TimingCache", "cpu_model_name"]
 
@@ -87,15 +86,7 @@ class TimingCache:
             "entries": {key: timing.to_dict() for key, timing in sorted(self._entries.items())},
         }
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(handle, "w") as stream:
-                    json.dump(payload, stream, indent=1)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, lambda stream: json.dump(payload, stream, indent=1))
         except OSError as error:
             self._writable = False
             warnings.warn(

@@ -43,7 +43,7 @@ ranges were recorded once, and converts.
 Sub-8-bit weight options (``w4a8``, ``w2a8``) run on the 8-bit kernel (their weights sit on a
 coarser grid inside int8): their latency is the measured int8 latency and their size the packed
 size. Energy is not reported: no energy counter is readable from a process on this kind of
-machine (see :class:`~ohq_lightning.hardware.timing.RaplEnergyMeter`).
+machine (see :class:`~ohq_lightning._util.timing.RaplEnergyMeter`).
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ohq_lightning._util.cache import cache_root
+from ohq_lightning._util.progress import progress_bar
+from ohq_lightning._util.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
-from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
-from ohq_lightning.progress import progress_bar
 
 __all__ = ["CPU_OPTIONS", "RUNTIMES", "CPUTarget"]
 
@@ -180,7 +181,6 @@ class CPUTarget:
             _kernel(option, self.runtime)
 
     def _cache(self, deployment: _Deployment) -> TimingCache:
-        from ohq_lightning.synthetic import cache_root
 
         root = cache_root(self.cache_dir)
         directory = None if root is None else root / "oqa"
@@ -360,8 +360,8 @@ class CPUTarget:
 
     def _torch_deployment(self, model: Any, example_inputs: torch.Tensor, names: list[str]) -> _Deployment:
         """torch: one traced, fused, calibrated FX graph; each mix is converted from it for the engine."""
+        from ohq_lightning._util.timing import set_threads
         from ohq_lightning.deploy.torch_int8 import TorchDeployedModel, TorchInt8Builder
-        from ohq_lightning.hardware.timing import set_threads
         from ohq_lightning.synthetic import gaussian_inputs
 
         set_threads(self.threads)

@@ -2,7 +2,7 @@
 
 **What is measured.** For every layer and every kernel its options run on, the layer is rebuilt on
 the GPU with synthetic inputs and weights of its real shapes (the batch of the example input, or
-``batch_size``) and timed through :func:`~ohq_lightning.hardware.timing.time_interleaved`: each
+``batch_size``) and timed through :func:`~ohq_lightning._util.timing.time_interleaved`: each
 timed sample runs the kernel back to back enough times to last ``min_sample_ms`` and ends with
 ``torch.cuda.synchronize``, and the kernels of one layer are timed in turn (a, b, a, b, ...) so that
 drift hits them alike. The kernels are torch's own, as torch eager runs them:
@@ -84,11 +84,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ohq_lightning._util.cache import cache_root
+from ohq_lightning._util.jsonable import JsonMixin
+from ohq_lightning._util.progress import progress_bar
+from ohq_lightning._util.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.hardware.cache import TimingCache
 from ohq_lightning.hardware.energy import NvmlEnergyMeter
-from ohq_lightning.hardware.timing import Timing, TimingSettings, time_interleaved
-from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option, _JsonMixin
-from ohq_lightning.progress import progress_bar
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option
 
 __all__ = [
     "CUDA_OPTIONS",
@@ -202,7 +204,7 @@ def check_options(names: Any, capability: tuple[int, int] | None = None) -> tupl
 
 
 @dataclass(frozen=True)
-class DeviceInfo(_JsonMixin):
+class DeviceInfo(JsonMixin):
     """What a CUDA measurement depends on besides the layer: the GPU and the software that drives it."""
 
     name: str
@@ -688,8 +690,8 @@ def synchronized_timer(
 
     The number of calls per sample is set once per kernel so that a sample lasts about
     ``min_sample_ms`` (at most ``max_loop`` calls); kernels are timed in turn by
-    :func:`~ohq_lightning.hardware.timing.time_interleaved`, and each returned
-    :class:`~ohq_lightning.hardware.timing.Timing` is per call (``repeats`` counts samples). With
+    :func:`~ohq_lightning._util.timing.time_interleaved`, and each returned
+    :class:`~ohq_lightning._util.timing.Timing` is per call (``repeats`` counts samples). With
     ``torch.cuda.synchronize`` this times GPU work including eager launch overheads, as a model
     run eagerly pays them.
     """
@@ -840,7 +842,6 @@ class CUDATarget:
         return torch.device("cuda", self.device)
 
     def _cache(self, info: DeviceInfo, quantity: str = "latency_ms") -> TimingCache:
-        from ohq_lightning.synthetic import cache_root
 
         root = cache_root(self.cache_dir)
         fingerprint: dict[str, Any] = {

@@ -10,7 +10,7 @@ runs for at least ``min_seconds``.
 Where NVML's Python bindings (the ``nvidia-ml-py`` package, imported as ``pynvml``) are missing,
 the counter is unsupported (older GPUs, MIG slices, some virtual machines) or unreadable,
 :class:`NvmlEnergyMeter` says so in ``reason`` and measures nothing: energy is then absent,
-never estimated. The CPU's counterpart is :class:`~ohq_lightning.hardware.timing.RaplEnergyMeter`.
+never estimated. The CPU's counterpart is :class:`~ohq_lightning._util.timing.RaplEnergyMeter`.
 """
 
 from __future__ import annotations

@@ -14,20 +14,18 @@ Every cost this target returns says ``source="table"``: the numbers were measure
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any
 
+from ohq_lightning._util.cache import atomic_write
 from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
 
 __all__ = ["BASE", "COLUMNS", "FORMAT", "TRANSITION", "TableTarget", "export_cost_table", "model_key"]
@@ -480,7 +478,7 @@ def export_cost_table(
         raise ValueError(f"on_conflict must be 'error' or 'mean', got {on_conflict!r}")
     rows = _export_rows(table, layers, on_conflict)
     if suffix == ".csv":
-        _atomic_write(path, lambda stream: _write_csv(stream, rows))
+        atomic_write(path, lambda stream: _write_csv(stream, rows))
     else:
         document = {
             "format": FORMAT,
@@ -490,7 +488,7 @@ def export_cost_table(
             "meta": table.meta,
             "entries": [_json_entry(row) for row in rows],
         }
-        _atomic_write(path, lambda stream: _write_json(stream, document, path))
+        atomic_write(path, lambda stream: _write_json(stream, document, path))
     return path
 
 
@@ -607,21 +605,3 @@ def _write_json(stream: IO[str], document: dict[str, Any], path: Path) -> None:
     except (TypeError, ValueError) as error:
         raise ValueError(f"export_cost_table: cannot write {path} as JSON: {error}") from error
     stream.write("\n")
-
-
-def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, then move it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise

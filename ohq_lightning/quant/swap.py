@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from ohq_lightning._util.progress import progress_bar
 from ohq_lightning.layers import preserved_state, quantizable_types, run_model
 from ohq_lightning.plan import Option, QuantPlan
-from ohq_lightning.progress import progress_bar
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import QuantLayer, float_weight
 
-__all__ = ["apply_plan", "calibrate", "deployable_copy", "quantized_layers", "strip_plan"]
+__all__ = ["apply_plan", "calibrate", "deployable_copy", "float_copy", "quantized_layers", "strip_plan"]
 
 
 def _assignment(plan: QuantPlan | Mapping[str, str]) -> dict[str, str]:
@@ -122,6 +122,17 @@ def strip_plan(model: nn.Module, names: Iterable[str] | None = None) -> nn.Modul
     for wrapper in wrappers:
         _replace(model, wrapper, wrapper.module)
     return model
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """The model with every fake-quant layer replaced by the float layer it wraps (a copy if needed).
+
+    A model without fake-quant layers is returned as it is, so callers can trace or export the float
+    network of any model without paying for a copy when there is nothing to strip.
+    """
+    if not quantized_layers(model):
+        return model
+    return strip_plan(copy.deepcopy(model))
 
 
 def deployable_copy(model: nn.Module, *, strip: bool = False) -> nn.Module:

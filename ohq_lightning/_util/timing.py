@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ohq_lightning.plan import _JsonMixin
+from ohq_lightning._util.jsonable import JsonMixin
 
 __all__ = ["RaplEnergyMeter", "Timing", "TimingSettings", "set_threads", "time_callable", "time_interleaved"]
 
@@ -20,7 +20,7 @@ _PACKAGE_ZONE = re.compile(r"intel-rapl:\d+")
 
 
 @dataclass(frozen=True)
-class TimingSettings(_JsonMixin):
+class TimingSettings(JsonMixin):
     """How long to time one operation.
 
     Args:
@@ -46,7 +46,7 @@ class TimingSettings(_JsonMixin):
 
 
 @dataclass(frozen=True)
-class Timing(_JsonMixin):
+class Timing(JsonMixin):
     """One operation's measured time: median milliseconds, relative interquartile spread, repeats."""
 
     median_ms: float
