@@ -28,8 +28,7 @@ from latency_vs_int8 import RECIPES, recipe, train
 
 from ohq_lightning.cli.data import build_data
 from ohq_lightning.cli.model import build_model
-from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx
-from ohq_lightning.hardware.ort_ops import ort_session
+from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, ort_session
 from ohq_lightning.layers import trace_layers
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pulp
 
-from ohq_lightning import solver as solver_module
+import ohq_lightning.solver._highs as highs_glue
 from ohq_lightning.plan import CostTable, LayerCost, SensitivityTable
 from ohq_lightning.solver import InfeasibleBudgetError, solve
 
@@ -50,13 +50,13 @@ def _cbc(time_limit_s: float | None) -> pulp.LpSolver:
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """Run ``solve`` on ``name`` (``"highs"``: the library as it is; ``"cbc"``: PuLP's CBC)."""
-    original = solver_module._highs
+    original = highs_glue.highs_solver
     if name == "cbc":
-        solver_module._highs = _cbc
+        highs_glue.highs_solver = _cbc
     try:
         yield
     finally:
-        solver_module._highs = original
+        highs_glue.highs_solver = original
 
 
 def random_problem(rng: random.Random, max_layers: int) -> tuple[SensitivityTable, CostTable, dict[str, Any]]:

@@ -45,7 +45,7 @@ def bench_model(name: str, threads: int, cache_dir: str) -> dict:
     ]
     fp32_ms, int8_ms, ohq_ms = (t.median_ms for t in measure_latency(deployed, example, rounds=3))
     layers = ohq.trace_layers(model, example).layers
-    table = target.costs(layers, OPTIONS, model=model, example_inputs=example, measure_also=[plan.assignment])
+    table = target.costs_with_plans(layers, OPTIONS, model=model, example_inputs=example, plans=[plan.assignment])
     predicted = {"fp32": table.predicted_latency_ms(deployed[0].assignment)}
     predicted["int8"] = table.predicted_latency_ms(deployed[1].assignment)
     predicted["ohq"] = plan.predicted["latency_ms"]  # what the search predicted for the plan it returned

@@ -29,10 +29,17 @@ import timm
 import torch
 
 from ohq_lightning._util.timing import TimingSettings, set_threads
-from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
-from ohq_lightning.deploy.torch_int8 import TorchDeployedModel, TorchInt8Builder
+from ohq_lightning.deploy import (
+    DeployedModel,
+    QDQBuilder,
+    TorchDeployedModel,
+    TorchInt8Builder,
+    activation_ranges,
+    export_onnx,
+    measure_latency,
+    ort_session,
+)
 from ohq_lightning.hardware import CPUTarget
-from ohq_lightning.hardware.ort_ops import ort_session
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import CostTable, SensitivityTable
 from ohq_lightning.solver import solve
@@ -99,7 +106,7 @@ def bench_model(
             if refined in measured_picks:
                 break
             measured_picks.append(refined)
-            refined_table = target.costs(layers, model=model, example_inputs=example, measure_also=measured_picks)
+            refined_table = target.costs_with_plans(layers, model=model, example_inputs=example, plans=measured_picks)
             refined = fastest_plan(refined_table)
         converged = refined in measured_picks
         if not converged:  # as search does: the best pick it timed, priced by the latest fit

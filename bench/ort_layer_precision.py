@@ -20,8 +20,16 @@ import timm
 import torch
 
 from ohq_lightning._util.timing import TimingSettings, set_threads, time_callable
-from ohq_lightning.deploy import DeployedModel, QDQBuilder, activation_ranges, export_onnx, measure_latency
-from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, ort_session
+from ohq_lightning.deploy import (
+    DeployedModel,
+    QDQBuilder,
+    activation_ranges,
+    export_onnx,
+    layer_graph,
+    measure_latency,
+    ort_runner,
+    ort_session,
+)
 from ohq_lightning.layers import trace_layers
 
 

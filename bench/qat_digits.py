@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ohq_lightning.callback import OHQCallback
 from ohq_lightning.cli.data import digits_split
 from ohq_lightning.cli.model import Classifier, fit_quietly
+from ohq_lightning.lightning import OHQCallback
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.quant import quantized_layers
 

@@ -63,16 +63,21 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ohq_lightning.api import search
 from ohq_lightning.cli.config import TrainConfig
 from ohq_lightning.cli.data import digits_split
 from ohq_lightning.cli.model import Classifier, fit_quietly
 from ohq_lightning.layers import trace_layers
+from ohq_lightning.pipeline import search
 from ohq_lightning.plan import SensitivityTable
 from ohq_lightning.quant import apply_plan, calibrate, strip_plan
-from ohq_lightning.sensitivity import mqe_sensitivity
-from ohq_lightning.sensitivity_baselines import hessian_sensitivity, random_sensitivity, weight_error_sensitivity
-from ohq_lightning.synthetic import distilled_inputs, gaussian_inputs
+from ohq_lightning.sensitivity import (
+    distilled_inputs,
+    gaussian_inputs,
+    hessian_sensitivity,
+    mqe_sensitivity,
+    random_sensitivity,
+    weight_error_sensitivity,
+)
 
 OPTIONS = ("w8a8", "w4a8", "w2a8")
 BUDGET_BITS = (3.0, 3.5, 4.0)

@@ -13,20 +13,21 @@ With Lightning, ``Trainer(callbacks=[ohq.OHQCallback(compression_ratio=0.6)])`` 
 search, swap and fine-tune with quantization in the loop.
 """
 
-from ohq_lightning.api import search
-from ohq_lightning.hardware import AnalyticalTarget, CPUTarget, HardwareTarget, create_target
+from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.hardware import AnalyticalTarget, CPUTarget, HardwareTarget, PlanMeasuringTarget, create_target
 from ohq_lightning.layers import LayerTrace, trace_layers
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, QuantPlan, SensitivityTable
+from ohq_lightning.pipeline import search
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, PlanRow, QuantPlan, SensitivityTable
 from ohq_lightning.quant import QuantLayer, apply_plan, calibrate, quantized_layers, strip_plan
 from ohq_lightning.report import format_plan_table
-from ohq_lightning.sensitivity import mqe_sensitivity
+from ohq_lightning.sensitivity import distilled_inputs, gaussian_inputs, mqe_sensitivity
 from ohq_lightning.solver import InfeasibleBudgetError, pareto_sweep, solve
-from ohq_lightning.synthetic import distilled_inputs, gaussian_inputs
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AnalyticalTarget",
+    "Budgets",
     "CPUTarget",
     "CostTable",
     "HardwareTarget",
@@ -36,9 +37,12 @@ __all__ = [
     "LayerTrace",
     "OHQCallback",
     "Option",
+    "PlanMeasuringTarget",
+    "PlanRow",
     "QATDivergedError",
     "QuantLayer",
     "QuantPlan",
+    "SearchConfig",
     "SensitivityTable",
     "__version__",
     "apply_plan",
@@ -61,9 +65,13 @@ _LIGHTNING_EXPORTS = ("OHQCallback", "QATDivergedError", "plan_from_checkpoint")
 
 
 def __getattr__(name: str):
-    """Import the Lightning callback only when it is used (keeps ``import ohq_lightning`` light)."""
-    if name in _LIGHTNING_EXPORTS:
-        from ohq_lightning import callback
+    """The Lightning callback's names, imported on first use.
 
-        return getattr(callback, name)
+    ``ohq_lightning.lightning`` imports Lightning, a heavy import (seconds) that ``search`` and the
+    rest of the library do not need: deferring it keeps ``import ohq_lightning`` light.
+    """
+    if name in _LIGHTNING_EXPORTS:
+        import ohq_lightning.lightning  # deferred: imports the third-party lightning (heavy)
+
+        return getattr(ohq_lightning.lightning, name)
     raise AttributeError(f"module 'ohq_lightning' has no attribute {name!r}")

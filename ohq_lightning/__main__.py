@@ -11,9 +11,13 @@ Examples::
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ohq_lightning.cli.config import register_configs
+from ohq_lightning.cli.job import run_job
+from ohq_lightning.cli.job_report import summary_table
+from ohq_lightning.solver import InfeasibleBudgetError
 
 __all__ = ["main"]
 
@@ -23,11 +27,6 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="pkg://ohq_lightning.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run the job on the composed config and print its summary."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from ohq_lightning.cli.job import run_job, summary_table
-    from ohq_lightning.solver import InfeasibleBudgetError
-
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         report = run_job(cfg, output_dir)

@@ -55,6 +55,7 @@ SENSITIVITY_METHODS: tuple[str, ...] = ("quantize", "random_mask", "weight_error
 SYNTHETIC_KINDS: tuple[str, ...] = ("distilled", "gaussian")
 """Data-free inputs MQE scores layers on: BatchNorm-statistics matching, or standard normal noise."""
 
+_MAX_COMPRESSION_RATIO = 4.0  # every layer in fp32: 32 bits a weight over 8; any larger ratio binds nothing
 _DEFAULT_ACCURACY_BOUND = "w8a8"  # minimising latency with no budget: no more total sensitivity than uniform INT8
 
 
@@ -118,7 +119,8 @@ class Budgets:
 
     Args:
         compression_ratio: plan weight bytes / weight bytes of the same layers at uniform 8 bits
-            (1.0 is INT8 size, 0.5 half of it; above 1 lets some layers stay in a float format).
+            (1.0 is INT8 size, 0.5 half of it; above 1 lets some layers stay in a float format, up to 4.0,
+            every layer in fp32).
         latency_budget: predicted end-to-end latency, ms (base + layers + transitions of the target's
             cost table; see :class:`~ohq_lightning.plan.CostTable`).
         energy_budget: predicted energy, mJ.
@@ -142,6 +144,12 @@ class Budgets:
     def __post_init__(self) -> None:
         for name in RESOURCE_BUDGETS:
             object.__setattr__(self, name, _positive(name, getattr(self, name)))
+        if self.compression_ratio is not None and self.compression_ratio > _MAX_COMPRESSION_RATIO:
+            raise ValueError(
+                f"compression_ratio must be in (0, {_MAX_COMPRESSION_RATIO:g}]: it is the plan's weight bytes over the "
+                f"weight bytes at uniform 8 bits (1.0 = INT8 size, 4.0 = all fp32), got {self.compression_ratio:g}; "
+                f"for a percentage such as 60% give 0.6"
+            )
         object.__setattr__(self, "sensitivity_budget", _sensitivity_bound(self.sensitivity_budget))
 
     @classmethod
@@ -239,14 +247,15 @@ class SearchConfig:
         """What to minimise under which budgets, with ``auto`` and the default accuracy bound resolved.
 
         ``auto`` minimises sensitivity when a resource budget is given and latency otherwise.
-        Minimising latency with no sensitivity budget bounds it by uniform INT8's (``"w8a8"``).
+        Minimising latency with no sensitivity budget bounds the sensitivity by uniform INT8's
+        (``"w8a8"``): the fastest plan estimated to be as accurate as INT8, not the fastest at any cost.
         Minimising sensitivity needs a resource budget: without one every layer would stay at its
         least sensitive option, so that is refused.
         """
         minimize = self.minimize
         if minimize == "auto":
             minimize = "sensitivity" if budgets.resources() else "latency"
-        if minimize == "latency" and budgets.sensitivity_budget is None and not budgets.resources():
+        if minimize == "latency" and budgets.sensitivity_budget is None:
             budgets = budgets.replace(sensitivity_budget=_DEFAULT_ACCURACY_BOUND)
         if minimize == "sensitivity" and not budgets.resources():
             raise ValueError(

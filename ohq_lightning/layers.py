@@ -7,7 +7,7 @@ not: :func:`is_weight_pruned`, :func:`weight_parameter` and :func:`float_weight`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +220,30 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
         >>> [layer.name for layer in trace_layers(model, torch.randn(1, 3, 8, 8)).layers]
         ['0', '2']
     """
+    candidates, weights, skipped = _find_candidates(model)
+    batch = _batch_size(example_inputs)
+    records = _record_forward(model, example_inputs, candidates, weights, batch)
+    layers: list[LayerInfo] = []
+    for name, module in candidates.items():
+        record = records.get(name)
+        if record is None:
+            skipped[name] = "not called in the forward pass of the example input"
+            continue
+        layers.append(_layer_info(name, module, weights[name], record))
+    layers.sort(key=lambda layer: records[layer.name].order)
+    if not layers:
+        detail = f" (left in float: {skipped})" if skipped else ""
+        raise ValueError(
+            "the model has no quantizable layer: expected nn.Conv2d or nn.Linear modules (or timm's "
+            f"conv/linear layers) reached by the forward pass{detail}"
+        )
+    return LayerTrace(layers=layers, skipped=skipped, batch_size=batch)
+
+
+def _find_candidates(
+    model: nn.Module,
+) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter], dict[str, str]]:
+    """The modules that may be quantized with their weight parameters, and the modules left float with why."""
     supported = quantizable_types()
     candidates: dict[str, nn.Module] = {}
     weights: dict[str, nn.Parameter] = {}
@@ -241,28 +265,22 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
             skipped[name] = f"{type(module).__name__} subclasses {_base_name(module)} with its own forward"
         elif isinstance(module, _UNSUPPORTED):
             skipped[name] = f"{type(module).__name__} is not supported"
+    return candidates, weights, skipped
 
+
+def _record_forward(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    candidates: dict[str, nn.Module],
+    weights: dict[str, nn.Parameter],
+    batch: int,
+) -> dict[str, _Record]:
+    """Run one forward with a hook on each candidate; what each hook saw, by name (modules never called are absent)."""
     records: dict[str, _Record] = {}
-    batch = _batch_size(example_inputs)
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            out = output if isinstance(output, torch.Tensor) else None
-            if inp is None or out is None:
-                return
-            record = records.get(name)
-            if record is None:
-                record = records[name] = _Record(
-                    _per_sample(inp.shape, batch), _per_sample(out.shape, batch), order=len(records)
-                )
-            record.calls += 1
-            record.macs += _macs(module, weights[name], out) // max(batch, 1)
-            record.nonnegative = record.nonnegative and bool(inp.numel() == 0 or inp.min() >= 0)
-
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in candidates.items()]
+    handles = [
+        module.register_forward_hook(_recording_hook(name, weights[name], batch, records))
+        for name, module in candidates.items()
+    ]
     try:
         with preserved_state(model):
             run_model(model, example_inputs)
@@ -273,39 +291,49 @@ def trace_layers(model: nn.Module, example_inputs: ExampleInputs) -> LayerTrace:
     finally:
         for handle in handles:
             handle.remove()
+    return records
 
-    layers: list[LayerInfo] = []
-    for name, module in candidates.items():
+
+def _recording_hook(
+    name: str, weight: nn.Parameter, batch: int, records: dict[str, _Record]
+) -> Callable[[nn.Module, tuple, Any], None]:
+    """A forward hook adding one call of module ``name`` (per-sample shapes, MACs, sign of input) to ``records``."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        out = output if isinstance(output, torch.Tensor) else None
+        if inp is None or out is None:
+            return
         record = records.get(name)
         if record is None:
-            skipped[name] = "not called in the forward pass of the example input"
-            continue
-        bias = getattr(module, "bias", None)
-        layers.append(
-            LayerInfo(
-                name=name,
-                type=f"{type(module).__module__}.{type(module).__qualname__}",
-                kind=_kind(module),
-                in_shape=record.in_shape,
-                out_shape=record.out_shape,
-                weight_shape=list(weights[name].shape),
-                weight_numel=weights[name].numel(),
-                bias_numel=bias.numel() if isinstance(bias, torch.Tensor) else 0,
-                macs=int(record.macs),
-                calls=record.calls,
-                groups=int(getattr(module, "groups", 1)),
-                input_nonnegative=record.nonnegative,
-                **_conv_geometry(module, record),
+            record = records[name] = _Record(
+                _per_sample(inp.shape, batch), _per_sample(out.shape, batch), order=len(records)
             )
-        )
-    layers.sort(key=lambda layer: records[layer.name].order)
-    if not layers:
-        detail = f" (left in float: {skipped})" if skipped else ""
-        raise ValueError(
-            "the model has no quantizable layer: expected nn.Conv2d or nn.Linear modules (or timm's "
-            f"conv/linear layers) reached by the forward pass{detail}"
-        )
-    return LayerTrace(layers=layers, skipped=skipped, batch_size=batch)
+        record.calls += 1
+        record.macs += _macs(module, weight, out) // max(batch, 1)
+        record.nonnegative = record.nonnegative and bool(inp.numel() == 0 or inp.min() >= 0)
+
+    return hook
+
+
+def _layer_info(name: str, module: nn.Module, weight: nn.Parameter, record: _Record) -> LayerInfo:
+    """The :class:`~ohq_lightning.plan.LayerInfo` of a traced module."""
+    bias = getattr(module, "bias", None)
+    return LayerInfo(
+        name=name,
+        type=f"{type(module).__module__}.{type(module).__qualname__}",
+        kind=_kind(module),
+        in_shape=record.in_shape,
+        out_shape=record.out_shape,
+        weight_shape=list(weight.shape),
+        weight_numel=weight.numel(),
+        bias_numel=bias.numel() if isinstance(bias, torch.Tensor) else 0,
+        macs=int(record.macs),
+        calls=record.calls,
+        groups=int(getattr(module, "groups", 1)),
+        input_nonnegative=record.nonnegative,
+        **_conv_geometry(module, record),
+    )
 
 
 def _conv_geometry(module: nn.Module, record: _Record) -> dict[str, list[int]]:

@@ -18,6 +18,7 @@ Definitions used everywhere in the project:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "LayerCost",
     "LayerInfo",
     "Option",
+    "PlanRow",
     "QuantPlan",
     "SensitivityTable",
     "parse_options",
@@ -291,6 +293,58 @@ class SensitivityTable(JsonMixin):
         return list(self.scores)
 
 
+_ROW_ALWAYS = ("name", "option", "sensitivity", "weight_bytes", "bops", "latency_ms", "energy_mj", "source")
+
+
+@dataclass(frozen=True)
+class PlanRow(JsonMixin):
+    """One layer of a :class:`QuantPlan`, for reports: the option picked, its score and its costs.
+
+    The solver fills ``name`` to ``source`` (``None`` where the target gives no such metric) and
+    ``transition_after_ms`` when the cost table prices transitions; a search adds ``type``, ``kind``,
+    shapes, ``macs`` and ``scores`` (option -> sensitivity). Fields left ``None`` past ``source`` are
+    left out of :meth:`to_dict`: the JSON form is the dict rows plans always had, and reads back.
+    For code written against those dicts, ``row["name"]``, ``row.get("macs")`` and ``"macs" in row``
+    read a row (read-only; a key is in a row when :meth:`to_dict` writes it); new code reads attributes.
+    """
+
+    name: str
+    option: str
+    sensitivity: float | None = None
+    weight_bytes: float | None = None
+    bops: float | None = None
+    latency_ms: float | None = None
+    energy_mj: float | None = None
+    source: str | None = None
+    transition_after_ms: float | None = None
+    type: str | None = None
+    kind: str | None = None
+    in_shape: list[int] | None = None
+    out_shape: list[int] | None = None
+    macs: int | None = None
+    scores: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a dict: the solver's keys always, the others when set."""
+        data = dataclasses.asdict(self)
+        return {key: value for key, value in data.items() if key in _ROW_ALWAYS or value is not None}
+
+    def __contains__(self, key: object) -> bool:
+        return key in _ROW_KEYS and (key in _ROW_ALWAYS or getattr(self, str(key)) is not None)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``row[key]`` when the row has ``key``, else ``default`` (as ``dict.get``)."""
+        return getattr(self, key) if key in self else default
+
+
+_ROW_KEYS = tuple(f.name for f in dataclasses.fields(PlanRow))
+
+
 @dataclass
 class QuantPlan(JsonMixin):
     """One option per layer, with predicted totals and the budgets it was solved under.
@@ -298,7 +352,8 @@ class QuantPlan(JsonMixin):
     ``assignment`` maps layer name to option name (``"w4a8"``, ``"fp32"``...). ``predicted``
     holds at least ``size_ratio`` (see the module docstring), ``weight_bytes``, ``bops`` and
     ``sensitivity``, plus ``latency_ms`` / ``energy_mj`` when the target gives them.
-    ``layers`` holds one row per layer for reports (type, shapes, option, costs, score).
+    ``layers`` holds one :class:`PlanRow` per layer for reports (option, costs, score; type and
+    shapes after a search); dict rows given here are read into :class:`PlanRow`.
     """
 
     assignment: dict[str, str]
@@ -307,8 +362,17 @@ class QuantPlan(JsonMixin):
     status: str = "Optimal"
     target: str = ""
     options: list[str] = field(default_factory=list)
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[PlanRow] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = [row if isinstance(row, PlanRow) else PlanRow.from_dict(row) for row in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form; each row as :meth:`PlanRow.to_dict` writes it."""
+        data = super().to_dict()
+        data["layers"] = [row.to_dict() for row in self.layers]
+        return data
 
     def option_counts(self) -> dict[str, int]:
         """How many layers take each option."""

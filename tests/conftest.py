@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny seeded models, and a per-test cache directory."""
+"""Shared fixtures: global RNGs seeded before every test, tiny seeded models, and a per-test cache directory."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,6 +51,18 @@ def tiny_input() -> torch.Tensor:
     return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
+TEST_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs() -> None:
+    """Every test starts from the same global RNG state (torch, NumPy, Python's ``random``), so an unseeded
+    ``torch.rand``/``torch.randn`` in a test draws the same values whichever tests ran before it."""
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)
+    torch.manual_seed(TEST_SEED)  # also seeds every CUDA device
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test caches synthetic inputs in its own directory."""
@@ -70,7 +85,7 @@ def fused_ops(onnx_model, tmp_path) -> list[str]:
     import onnx
     import onnxruntime as ort
 
-    from ohq_lightning.hardware.ort_ops import ORT_DISABLED_OPTIMIZERS
+    from ohq_lightning.deploy import ORT_DISABLED_OPTIMIZERS
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ohq_lightning.callback import OHQCallback
 from ohq_lightning.hardware import AnalyticalTarget
+from ohq_lightning.lightning import OHQCallback
 from ohq_lightning.quant import QuantLayer, quantized_layers
 from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import is_weight_pruned

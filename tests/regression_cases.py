@@ -19,8 +19,7 @@ import torch
 from ohq_lightning import CostTable, SensitivityTable, search, solve
 from ohq_lightning.hardware import create_target
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.sensitivity import mqe_sensitivity
-from ohq_lightning.synthetic import gaussian_inputs
+from ohq_lightning.sensitivity import gaussian_inputs, mqe_sensitivity
 
 DATA = Path(__file__).parent / "data" / "regression"
 MODELS = {"resnet18": 32, "mobilenetv3_small_100": 32}

@@ -6,7 +6,7 @@ from conftest import same_state, state_snapshot
 from torch import nn
 
 import ohq_lightning as ohq
-from ohq_lightning.api import validate_budgets
+from ohq_lightning.config import Budgets
 
 FAST = {"num_samples": 8, "distill_steps": 5, "progress": False}
 
@@ -51,7 +51,7 @@ def test_infeasible_budget_names_the_smallest_feasible_ratio(tiny_net, tiny_inpu
     [
         ({"compression_ratio": -0.5}, "compression_ratio must be a finite number > 0"),
         ({"compression_ratio": 0.0}, "compression_ratio must be a finite number > 0"),
-        ({"compression_ratio": 1.5}, r"compression_ratio must be in \(0, 1\]"),
+        ({"compression_ratio": "0.5"}, "compression_ratio must be a finite number > 0"),
         ({"compression_ratio": float("nan")}, "finite number"),
         ({"latency_budget": -1.0}, "latency_budget must be a finite number > 0"),
         ({"options": ["w1a8", "w8a8"]}, "between 2 and 8"),
@@ -68,6 +68,13 @@ def test_bad_arguments_are_clear_errors_and_change_nothing(tiny_net, tiny_input,
     with pytest.raises(ValueError, match=message):
         ohq.search(tiny_net, tiny_input, **{**FAST, **kwargs})
     assert same_state(tiny_net, before) and tiny_net.training
+
+
+def test_a_compression_ratio_above_one_lets_some_layers_stay_float(tiny_net, tiny_input):
+    # 1.0 is INT8 size; a float layer weighs 4x its int8 bytes, so 1.5 buys fp32 for part of the weights
+    plan = ohq.search(tiny_net, tiny_input, compression_ratio=1.5, options=["fp32", "w8a8", "w4a8"], **FAST)
+    assert 1.0 < plan.predicted["size_ratio"] <= 1.5 + 1e-9
+    assert "fp32" in plan.assignment.values()
 
 
 def test_bad_models_and_inputs_are_clear_errors(tiny_net):
@@ -107,10 +114,12 @@ def test_search_measures_the_plans_it_picks_on_targets_that_can(tiny_net, tiny_i
     calls = []
 
     class Remeasuring(ohq.AnalyticalTarget):
-        measures_plans = True
+        def costs(self, layers, options=None, *, model=None, example_inputs=None):
+            calls.append([])
+            return super().costs(layers, options)
 
-        def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
-            calls.append([dict(plan) for plan in measure_also])
+        def costs_with_plans(self, layers, options=None, *, model, example_inputs, plans):
+            calls.append([dict(plan) for plan in plans])
             return super().costs(layers, options)
 
     plan = ohq.search(tiny_net, tiny_input, target=Remeasuring(), compression_ratio=0.6, refine_rounds=3, **FAST)
@@ -132,7 +141,7 @@ def test_sensitivity_budget_named_by_an_option_bounds_by_that_uniform_plan(tiny_
     with pytest.raises(ValueError, match="not a candidate option"):
         ohq.search(tiny_net, tiny_input, sensitivity_budget="w2a8", options=options, **FAST)
     with pytest.raises(ValueError, match="sensitivity_budget must be a number >= 0 or an option name"):
-        validate_budgets(sensitivity_budget="int8")
+        Budgets(sensitivity_budget="int8")
 
 
 def test_a_sensitivity_budget_by_option_counts_layers_the_target_cannot_run_there_at_their_fallback(
@@ -166,17 +175,18 @@ class _Retimed(ohq.AnalyticalTarget):
     """A target that times plans: ``latency(option, timed)`` prices a layer's option, ``timed`` being
     how many of the plans timed so far ran that layer at that option."""
 
-    measures_plans = True
-
     def __init__(self, latency, **kwargs):
         super().__init__(options=("fp32", "w8a8"), **kwargs)
         self.latency = latency
 
-    def costs(self, layers, options=None, *, model=None, example_inputs=None, measure_also=()):
+    def costs(self, layers, options=None, *, model=None, example_inputs=None):
+        return self.costs_with_plans(layers, options, model=model, example_inputs=example_inputs, plans=())
+
+    def costs_with_plans(self, layers, options=None, *, model, example_inputs, plans):
         table = super().costs(layers, options)
         for name, row in table.costs.items():
             for option, cost in row.items():
-                cost.latency_ms = self.latency(option, sum(plan[name] == option for plan in measure_also))
+                cost.latency_ms = self.latency(option, sum(plan[name] == option for plan in plans))
         return table
 
 

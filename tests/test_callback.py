@@ -27,8 +27,17 @@ from lightning_helpers import (
     random_images,
 )
 
-import ohq_lightning.callback as callback_module
-from ohq_lightning.callback import OHQCallback, QATDivergedError, default_input_fn, plan_from_checkpoint
+import ohq_lightning
+import ohq_lightning.callback as compat_module
+import ohq_lightning.lightning.callback as callback_module  # where the callback looks ``search`` up
+from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.lightning import (
+    CALIBRATION_SOURCES,
+    OHQCallback,
+    QATDivergedError,
+    default_input_fn,
+    plan_from_checkpoint,
+)
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.quant import QuantLayer, apply_plan, quantized_layers
 from ohq_lightning.quant.modules import is_weight_pruned
@@ -247,9 +256,31 @@ def test_weights_only_checkpoint_needs_the_plan(tmp_path: Path) -> None:
         torch.testing.assert_close(fresh(images), model(images))
 
 
-def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no budget to search under"):
-        quiet_trainer(tmp_path, [OHQCallback()]).fit(TinyCNN(), image_loader())
+def test_fit_without_a_budget_searches_the_fastest_plan_no_more_sensitive_than_uniform_int8(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ohq = OHQCallback(synthetic="gaussian", num_samples=4, progress=False)  # minimize="auto", no budget
+    quiet_trainer(tmp_path, [ohq], max_steps=1).fit(model, image_loader())
+    plan = ohq.plan
+    assert plan is not None and plan.meta["sensitivity_budget_from"] == "uniform w8a8"
+    int8 = plan.meta["uniform"]["w8a8"]
+    assert plan.predicted["sensitivity"] <= int8["sensitivity"] * (1 + 1e-9)
+    assert plan.predicted["latency_ms"] <= int8["latency_ms"] * (1 + 1e-9)
+    assert {name: layer.option for name, layer in quantized_layers(model).items()} == {
+        name: option for name, option in plan.assignment.items() if option != "fp32"
+    }
+
+
+def test_fit_without_a_resource_budget_to_minimise_sensitivity_under_and_unsupported_strategies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callback_module, "search", no_search)  # refused before any search
+    with pytest.raises(ValueError, match="minimize='sensitivity' needs a resource budget"):
+        quiet_trainer(tmp_path, [OHQCallback(minimize="sensitivity")]).fit(TinyCNN(), image_loader())
+    with pytest.raises(ValueError, match="minimize='sensitivity' needs a resource budget"):
+        quiet_trainer(tmp_path, [OHQCallback(minimize="sensitivity", sensitivity_budget=0.5)]).fit(
+            TinyCNN(), image_loader()
+        )
     for strategy in (FSDPStrategy, DeepSpeedStrategy):
         fake_trainer = type("FakeTrainer", (), {"strategy": object.__new__(strategy), "callbacks": []})()
         with pytest.raises(ValueError, match=f"does not support the {strategy.__name__}"):
@@ -259,21 +290,33 @@ def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"compression_ratio": 1.5}, "compression_ratio must be in"),
+        ({"compression_ratio": -0.5}, "compression_ratio must be a finite number > 0"),
         ({"compression_ratio": 0}, "compression_ratio must be a finite number > 0"),
         ({"latency_budget": float("nan")}, "latency_budget must be a finite number"),
         ({"sensitivity_budget": -1.0}, "sensitivity_budget must be a finite number >= 0"),
-        ({"hardware": "tpu-v9"}, "unknown hardware target 'tpu-v9'"),
-        ({"hardware": {"threads": 1}}, "'name'"),
-        ({"hardware": {"name": "analytical", "warp_speed": 9}}, "bad settings for hardware target 'analytical'"),
-        ({"hardware": 3}, "hardware must be a target name"),
+        ({"sensitivity_budget": "w9a8"}, "sensitivity_budget must be a number >= 0 or an option name"),
+        ({"target": "tpu-v9"}, "unknown hardware target 'tpu-v9'"),
+        ({"target": {"threads": 1}}, "'name'"),
+        ({"target": {"name": "analytical", "warp_speed": 9}}, "bad settings for hardware target 'analytical'"),
+        ({"target": 3}, "target must be a target name"),
         ({"finetune": "yes"}, "finetune must be True or False"),
         ({"progress": 1}, "progress must be True or False"),
         ({"plan": "/nonexistent/plan.json"}, "does not exist"),
         ({"plan": 42}, "plan must be a QuantPlan"),
         ({"plan": {"layers": []}}, "plan dict is neither a QuantPlan dict"),
         ({"plan": HAND_PLAN, "compression_ratio": 0.5}, "either a plan or budgets"),
+        ({"plan": HAND_PLAN, "budgets": Budgets(latency_budget=1.0)}, "either a plan or budgets"),
+        ({"plan": HAND_PLAN, "options": ["w8a8"]}, "either a plan or budgets"),
+        ({"budgets": Budgets(compression_ratio=0.5), "compression_ratio": 0.4}, "not both: \\['compression_ratio'\\]"),
+        ({"search": SearchConfig(seed=1), "num_samples": 2}, "not both: \\['num_samples'\\]"),
+        ({"budgets": {"compression_ratio": 0.5}}, "budgets must be a Budgets"),
+        ({"search": "fast"}, "search must be a SearchConfig"),
+        ({"target": "analytical", "hardware": "cpu"}, "hardware= is the old name of target="),
+        ({"example_inputs": torch.zeros(1), "example_input": torch.zeros(1)}, "example_input= is the old name"),
         ({"minimize": "size"}, "minimize must be one of"),
+        ({"minimize": "latency", "cost_weight": 1.0}, "cost_weight weighs a cost against sensitivity"),
+        ({"tie_groups": "features.0"}, "tie_groups must be a list of lists"),
+        ({"refine_rounds": -1}, "refine_rounds must be an integer >= 0"),
         ({"options": ["w9a8"]}, "bits must be between"),
         ({"sensitivity": "hessian"}, "unknown sensitivity method"),
         ({"synthetic": "uniform"}, "unknown synthetic input kind"),
@@ -282,13 +325,67 @@ def test_fit_without_plan_or_budget_and_unsupported_strategies(tmp_path: Path) -
         ({"calibration": "val"}, "calibration must be one of"),
         ({"calibration_batches": 2.5}, "calibration_batches must be an integer"),
         ({"seed": True}, "seed must be an integer"),
-        ({"example_input": "an image"}, "example_input must be a tensor"),
+        ({"example_inputs": "an image"}, "example_inputs must be a tensor"),
         ({"input_fn": "first"}, "input_fn must be a callable"),
+        ({"dirpath": 3}, "dirpath must be a file path"),
     ],
 )
 def test_bad_constructor_arguments(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OHQCallback(**settings)
+
+
+def test_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'compresion_ratio'"):
+        OHQCallback(compresion_ratio=0.5)
+
+
+def test_keywords_build_the_config_objects_and_objects_are_taken_as_given() -> None:
+    loose = OHQCallback(
+        compression_ratio=0.6,
+        sensitivity_budget="W8A8",
+        minimize="sensitivity",
+        options=["W4A8", "w8a8"],
+        tie_groups=[["features.0", "features.3"]],
+        cost_weight=0.5,
+        refine_rounds=2,
+        seed=3,
+    )
+    assert loose.budgets == Budgets(compression_ratio=0.6, sensitivity_budget="w8a8")
+    assert loose.search_config == SearchConfig(
+        minimize="sensitivity",
+        options=("w4a8", "w8a8"),
+        tie_groups=(("features.0", "features.3"),),
+        cost_weight=0.5,
+        refine_rounds=2,
+        seed=3,
+    )
+    budgets, config = Budgets(latency_budget=2.0), SearchConfig(num_samples=3)
+    given = OHQCallback(budgets=budgets, search=config)
+    assert given.budgets is budgets and given.search_config is config
+    defaults = OHQCallback()
+    assert defaults.budgets == Budgets() and defaults.search_config == SearchConfig()
+    assert defaults.search_config.minimize == "auto" and defaults.target.name == "analytical"
+
+
+def test_old_argument_names_still_work_with_a_deprecation_warning() -> None:
+    example = torch.zeros(1, 3, 8, 8)
+    with pytest.warns(DeprecationWarning, match=r"OHQCallback\(hardware=\.\.\.\) is deprecated"):
+        callback = OHQCallback(hardware={"name": "analytical", "int8_gmacs": 50.0})
+    assert callback.target.int8_gmacs == 50.0
+    with pytest.warns(DeprecationWarning, match=r"use OHQCallback\(example_inputs=\.\.\.\)"):
+        assert OHQCallback(example_input=example).example_inputs is example
+
+
+def test_the_old_module_and_the_package_give_the_same_names() -> None:
+    for name in compat_module.__all__:
+        assert getattr(compat_module, name) is getattr(ohq_lightning.lightning, name)
+    for name in ("OHQCallback", "QATDivergedError", "plan_from_checkpoint"):
+        assert getattr(ohq_lightning, name) is getattr(ohq_lightning.lightning, name)
+    assert CALIBRATION_SOURCES == ("train", "synthetic")
+    # the package ohq_lightning.lightning does not shadow the third-party lightning
+    assert callback_module.pl is pl and pl.__name__ == "lightning.pytorch"
+    assert "ohq_lightning" not in Path(pl.__file__).parts
 
 
 def test_search_settings_reach_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,15 +396,76 @@ def test_search_settings_reach_the_search(tmp_path: Path, monkeypatch: pytest.Mo
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(callback_module, "search", recording_search)
-    callback = OHQCallback(compression_ratio=0.6, num_samples=3, distill_steps=7, seed=5, progress=False)
+    callback = OHQCallback(
+        target={"name": "analytical", "int8_gmacs": 50.0},
+        compression_ratio=0.6,
+        num_samples=3,
+        distill_steps=7,
+        seed=5,
+        tie_groups=[["features.0", "features.3"]],
+        cost_weight=0.25,
+        refine_rounds=1,
+    )
     with pytest.raises(RuntimeError, match="stop here"):
         quiet_trainer(tmp_path, [callback]).fit(TinyCNN(), image_loader())
-    assert {key: seen[key] for key in ("num_samples", "distill_steps", "seed", "synthetic")} == {
+    config = seen["config"]
+    assert {key: getattr(config, key) for key in ("num_samples", "distill_steps", "seed", "synthetic")} == {
         "num_samples": 3,
         "distill_steps": 7,
         "seed": 5,
         "synthetic": "distilled",
     }
+    assert (config.tie_groups, config.cost_weight, config.refine_rounds) == ((("features.0", "features.3"),), 0.25, 1)
+    assert seen["budgets"] == Budgets(compression_ratio=0.6)
+    assert seen["target"] is callback.target and seen["target"].int8_gmacs == 50.0
+    assert seen["progress"] is False  # Trainer(enable_progress_bar=False): no bars of the callback either
+
+
+def test_progress_bars_follow_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def recording_search(*args: Any, **kwargs: Any) -> QuantPlan:
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(callback_module, "search", recording_search)
+    for progress, trainer_bar, expected in ((True, True, True), (False, True, False), (True, False, False)):
+        callback = OHQCallback(compression_ratio=0.6, progress=progress)
+        with pytest.raises(RuntimeError, match="stop here"):
+            quiet_trainer(tmp_path, [callback], enable_progress_bar=trainer_bar).fit(TinyCNN(), image_loader())
+        assert seen["progress"] is expected, (progress, trainer_bar)
+
+
+def test_example_input_array_is_the_default_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    def recording_search(model: Any, example_inputs: Any, **kwargs: Any) -> QuantPlan:
+        seen.append(example_inputs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(callback_module, "search", recording_search)
+    declared, given = torch.full((2, 3, 8, 8), 0.5), torch.full((1, 3, 8, 8), 0.25)
+    for example in (None, given):
+        model = TinyCNN()
+        model.example_input_array = declared
+        with pytest.raises(RuntimeError, match="stop here"):
+            quiet_trainer(tmp_path, [OHQCallback(compression_ratio=0.6, example_inputs=example)]).fit(
+                model, image_loader()
+            )
+    assert torch.equal(seen[0], declared) and torch.equal(seen[1], given)
+    with pytest.raises(RuntimeError, match="stop here"):  # no example anywhere: the first train sample
+        quiet_trainer(tmp_path, [OHQCallback(compression_ratio=0.6)]).fit(TinyCNN(), image_loader())
+    assert seen[2].shape == (1, 3, 8, 8) and torch.equal(seen[2], next(iter(image_loader()))[0][:1])
+
+
+def test_dirpath_takes_the_plan_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ohq = OHQCallback(plan=HAND_PLAN, finetune=False, dirpath=out, progress=False)
+    trainer = quiet_trainer(tmp_path / "root", [ohq], logger=CSVLogger(tmp_path / "logs"))
+    trainer.fit(TinyCNN(), image_loader())
+    assert QuantPlan.from_json(out / "plan.json").assignment == HAND_PLAN.assignment
+    assert (out / "plan.md").is_file()
+    assert not list((tmp_path / "logs").rglob("plan.*")) and not (tmp_path / "root").exists()
 
 
 def test_constructor_is_keyword_only_and_reads_plan_files(tmp_path: Path) -> None:
@@ -319,7 +477,7 @@ def test_constructor_is_keyword_only_and_reads_plan_files(tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text("not json")
     with pytest.raises(ValueError, match="not a QuantPlan JSON file"):
         OHQCallback(plan=tmp_path / "bad.json")
-    assert OHQCallback(hardware={"name": "analytical", "int8_gmacs": 50.0}).hardware.int8_gmacs == 50.0
+    assert OHQCallback(target={"name": "analytical", "int8_gmacs": 50.0}).target.int8_gmacs == 50.0
 
 
 def test_default_input_fn() -> None:
@@ -333,7 +491,7 @@ def test_default_input_fn() -> None:
 
 def test_ddp_spawn_gives_every_rank_the_plan_searched_on_rank_zero(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    ohq = OHQCallback(hardware=MarkingTarget(marker_dir=str(tmp_path)), **SEARCH)
+    ohq = OHQCallback(target=MarkingTarget(marker_dir=str(tmp_path)), **SEARCH)
     trainer = quiet_trainer(
         tmp_path, [ohq, FitStartRecorder(str(tmp_path))], strategy="ddp_spawn", devices=2, max_steps=2
     )
@@ -349,7 +507,7 @@ def test_export_onnx_deploys_the_plan_and_logs_its_measured_latency(tmp_path):
     import numpy as np
     import onnx
 
-    from ohq_lightning.hardware.ort_ops import ort_session
+    from ohq_lightning.deploy import ort_session
 
     torch.manual_seed(0)
     module = TinyCNN()

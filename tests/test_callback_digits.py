@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import ohq_lightning.callback as callback_module
-from ohq_lightning.callback import OHQCallback
+import ohq_lightning.lightning.callback as callback_module  # where the callback looks ``search`` up
 from ohq_lightning.cli.data import digits_split
+from ohq_lightning.lightning import OHQCallback
 from ohq_lightning.quant import ActivationFakeQuant, QuantLayer, quantized_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")

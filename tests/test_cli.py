@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 
 from ohq_lightning.cli.config import JobConfig, register_configs
 from ohq_lightning.cli.data import build_data
-from ohq_lightning.cli.job import objective
+from ohq_lightning.cli.job import objective_record, search_settings
 from ohq_lightning.cli.model import build_model, load_weights
-from ohq_lightning.sweep import summarize
+from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.report.sweep import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(path.stem for path in (ROOT / "recipes").glob("*.yaml"))
@@ -98,10 +99,41 @@ def test_wrong_types_and_typos_fail_with_the_key_named(tmp_path: Path) -> None:
 
 
 def test_objective_defaults_to_fastest_plan_as_accurate_as_int8() -> None:
-    assert objective(compose_job().ohq) == {"minimize": "latency", "sensitivity_budget": "w8a8"}
+    assert objective_record(compose_job().ohq) == {"minimize": "latency", "sensitivity_budget": "w8a8"}
     given = compose_job("ohq.compression_ratio=0.6").ohq
-    assert objective(given) == {"minimize": "sensitivity", "compression_ratio": 0.6}
-    assert objective(compose_job("ohq.plan=plan.json").ohq) == {}
+    assert objective_record(given) == {"minimize": "sensitivity", "compression_ratio": 0.6}
+    assert objective_record(compose_job("ohq.plan=plan.json").ohq) == {}
+
+
+def test_ohq_config_builds_the_config_objects_and_they_check_its_values() -> None:
+    ohq = compose_job("ohq.compression_ratio=0.6", "ohq.options=[w8a8,W4A8]", "ohq.seed=3").ohq
+    assert ohq.budgets() == Budgets(compression_ratio=0.6)
+    assert ohq.search_config() == SearchConfig(options=("w8a8", "w4a8"), seed=3)
+    assert search_settings(ohq) == (Budgets(compression_ratio=0.6), SearchConfig(options=("w8a8", "w4a8"), seed=3))
+    assert search_settings(compose_job("ohq.plan=plan.json", "ohq.compression_ratio=0.6").ohq)[0] == Budgets()
+    with pytest.raises(ValueError, match="compression_ratio must be a finite number > 0"):
+        compose_job("ohq.compression_ratio=-0.5").ohq.budgets()
+    with pytest.raises(ValueError, match="unknown sensitivity method 'kl'"):
+        compose_job("ohq.sensitivity=kl").ohq.search_config()
+    with pytest.raises(ValueError, match="needs a resource budget"):
+        search_settings(compose_job("ohq.minimize=sensitivity").ohq)
+
+
+def test_bad_ohq_values_fail_in_one_line_before_any_training(tmp_path: Path) -> None:
+    result = run_cli("ohq.num_samples=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error: num_samples must be an integer >= 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "float").exists()
+
+
+def test_the_old_sweep_module_still_summarises(tmp_path: Path) -> None:
+    import ohq_lightning.sweep
+
+    assert ohq_lightning.sweep.summarize is summarize
+    result = subprocess.run(
+        [sys.executable, "-m", "ohq_lightning.sweep", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "error: no report.json" in result.stderr
 
 
 def test_data_reads_nothing_from_the_network_and_names_missing_paths(tmp_path: Path) -> None:

@@ -268,7 +268,7 @@ def test_the_callback_exports_the_fine_tuned_quantization(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from ohq_lightning.callback import OHQCallback
-    from ohq_lightning.hardware.ort_ops import ort_session
+    from ohq_lightning.deploy import ort_session
 
     images = _inputs(32, (3, 16, 16), seed=3, signed=True)
     loader = DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=8)

@@ -8,17 +8,23 @@ from conftest import fused_ops, make_tiny_net
 from timm import layers as timm_layers
 from torch import nn
 
-from ohq_lightning.deploy import activation_ranges, export_onnx, layer_nodes, quantize_onnx_layers
-from ohq_lightning.deploy.onnx_qdq import ActivationRange, _scope_path
-from ohq_lightning.hardware.ort_ops import ort_session
+from ohq_lightning.deploy import (
+    ActivationRange,
+    activation_ranges,
+    export_onnx,
+    layer_nodes,
+    ort_session,
+    quantize_onnx_layers,
+)
+from ohq_lightning.deploy.onnxruntime.export import scope_path
 from ohq_lightning.layers import trace_layers
 
 
 def test_scope_paths_follow_module_names():
-    assert _scope_path("/blocks/blocks.0/blocks.0.0/conv_dw/Conv") == "blocks.0.0.conv_dw"
-    assert _scope_path("/conv_stem/Conv") == "conv_stem"
-    assert _scope_path("/stem/stem.0/Conv") == "stem.0"
-    assert _scope_path("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
+    assert scope_path("/blocks/blocks.0/blocks.0.0/conv_dw/Conv") == "blocks.0.0.conv_dw"
+    assert scope_path("/conv_stem/Conv") == "conv_stem"
+    assert scope_path("/stem/stem.0/Conv") == "stem.0"
+    assert scope_path("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
 
 
 def test_activation_range_qparams_cover_zero():
@@ -50,9 +56,13 @@ def test_input_ranges_trade_a_rare_outlier_for_a_finer_grid_when_that_lowers_the
     images = torch.rand(2048, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     images[0, 0, 0, 0] = 20.0  # one outlier among 1.57 million values in [0, 1)
     found = activation_ranges(graph, names, [images])["stem.0"][0]
-    assert found.low == 0.0 and 1.0 <= found.high < 0.5 * 20.0
+    # N = 2048 x 3 x 16 x 16 = 1,572,864 values. A grid [0, h] of step h / 255 costs every value in [0, 1)
+    # (h / 255)^2 / 12 and clips the outlier by (20 - h)^2 / N: h^2 / 780,300 + (20 - h)^2 / 1,572,864 is least
+    # at h = 20 / 1,572,864 / (1 / 780,300 + 1 / 1,572,864) = 6.63, where it is 1.70e-4; the full grid [0, 20]
+    # costs (20 / 255)^2 / 12 = 5.13e-4, so 0.33 of it (at h = 6.0 or 7.5: 0.333 / 0.334; measured h = 6.5: 0.326)
+    assert found.low == 0.0 and 6.0 <= found.high <= 7.5
     values = images.numpy().ravel()
-    assert _grid_error(values, found) < 0.5 * _grid_error(values, ActivationRange(0.0, 20.0))
+    assert _grid_error(values, found) < 0.36 * _grid_error(values, ActivationRange(0.0, 20.0))
     assert activation_ranges(graph, names, [images], clip=False)["stem.0"][0] == ActivationRange(0.0, 20.0)
     few = images[:8].clone()  # 6,144 values: clipping the outlier would cost more than the finer grid saves
     assert activation_ranges(graph, names, [few])["stem.0"][0].high > 0.9 * 20.0

@@ -9,7 +9,7 @@ from conftest import make_tiny_net, same_state, state_snapshot
 from torch import nn
 
 from ohq_lightning._util.timing import time_callable
-from ohq_lightning.deploy.torch_int8 import TorchInt8Builder, convert_torch, uniform_torch
+from ohq_lightning.deploy import TorchInt8Builder, convert_torch, uniform_torch
 from ohq_lightning.quant import apply_plan, calibrate, learned_quantization
 
 # Deployed outputs differ from the fake-quant model's by what the int8 graph rounds and the fake-quant

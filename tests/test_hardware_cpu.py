@@ -5,6 +5,7 @@ from conftest import make_tiny_net
 import ohq_lightning as ohq
 from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.hardware import CPUTarget, create_target
+from ohq_lightning.hardware.cpu.fit import fit_additive, outliers
 from ohq_lightning.layers import trace_layers
 
 QUICK = TimingSettings(warmup=1, min_repeats=3, max_repeats=20, max_seconds=0.02, rel_spread=0.05)
@@ -107,12 +108,12 @@ def test_the_hydra_config_builds_the_cpu_target():
     )
 
 
-def test_measure_also_adds_the_plans_to_the_fit(traced, tmp_path):
+def test_costs_with_plans_adds_the_plans_to_the_fit(traced, tmp_path):
     model, example, layers = traced
     target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
     base = target.costs(layers, model=model, example_inputs=example).meta["fit"]["samples"]
     odd = {layer.name: ("w8a8" if i % 2 else "fp32") for i, layer in enumerate(layers)}
-    table = target.costs(layers, model=model, example_inputs=example, measure_also=[odd])
+    table = target.costs_with_plans(layers, model=model, example_inputs=example, plans=[odd])
     fit = table.meta["fit"]
     assert fit["samples"] in (base, base + 1) and fit["measured_now"] == fit["samples"] - base
 
@@ -187,8 +188,6 @@ def test_a_sample_the_fit_misses_is_flagged_for_timing_again():
 
     import numpy as np
 
-    from ohq_lightning.hardware.cpu import _fit, _outliers
-
     kappa, transitions = np.array([-1.0, -2.0, 0.5, -0.5]), np.array([0.3, 0.2, 0.1])
     measured = {}
     for combo in itertools.product("01", repeat=4):
@@ -197,7 +196,7 @@ def test_a_sample_the_fit_misses_is_flagged_for_timing_again():
         measured[bits] = 10.0 + x @ kappa + np.abs(np.diff(x)) @ transitions
     skewed = "0110"
     measured[skewed] *= 1.4  # a burst of load during this sample's window
-    base, fitted_kappa, fitted_transitions, _ = _fit(measured, 4, seed=0)
-    flagged = _outliers(measured, base, fitted_kappa, fitted_transitions, candidates=set(measured))
+    fit = fit_additive(measured, 4, seed=0)
+    flagged = outliers(measured, fit, candidates=set(measured))
     assert flagged[0] == skewed
-    assert _outliers(measured, base, fitted_kappa, fitted_transitions, candidates={"0000"}) == []
+    assert outliers(measured, fit, candidates={"0000"}) == []

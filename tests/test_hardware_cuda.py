@@ -19,7 +19,6 @@ from torch import nn
 import ohq_lightning as ohq
 from ohq_lightning._util.timing import Timing, TimingSettings
 from ohq_lightning.hardware import CUDATarget, NvmlEnergyMeter, create_target, known_targets
-from ohq_lightning.hardware import cuda as cuda_module
 from ohq_lightning.hardware.cuda import (
     CUDA_OPTIONS,
     DeviceInfo,
@@ -31,6 +30,8 @@ from ohq_lightning.hardware.cuda import (
     synchronized_timer,
     transition_kernels,
 )
+from ohq_lightning.hardware.cuda import kernels as cuda_kernels
+from ohq_lightning.hardware.cuda import profiling as cuda_profiling
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import CostTable, LayerInfo, SensitivityTable
 
@@ -250,21 +251,21 @@ def test_fp8_and_half_kernels_compute_the_layer():
 
 
 def test_a_kernel_that_fails_or_computes_something_else_is_not_timed(monkeypatch):
-    real = cuda_module._build_int_mm
+    real = cuda_kernels._build_int_mm
 
     def wrong(ops):
         built = real(ops)
         built.run = lambda run=built.run: torch.zeros_like(run())
         return built
 
-    monkeypatch.setattr(cuda_module, "_build_int_mm", wrong)
+    monkeypatch.setattr(cuda_kernels, "_build_int_mm", wrong)
     kernels, reasons = layer_kernels(linear(16, 16), "int8")
     assert kernels == [] and "off the float reference by 100.0%" in reasons["torch._int_mm"]
 
     def failing(ops):
         raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul\nmore text")
 
-    monkeypatch.setattr(cuda_module, "_build_int_mm", failing)
+    monkeypatch.setattr(cuda_kernels, "_build_int_mm", failing)
     kernels, reasons = layer_kernels(linear(16, 16), "int8")
     assert (
         reasons["torch._int_mm"]
@@ -459,7 +460,7 @@ def test_energy_goes_into_the_table_where_the_counter_is_readable(point_net, tmp
     nvml = FakeNvml(per_call=2.0)
     meter = NvmlEnergyMeter(0, nvml=nvml, min_seconds=0.002)
     # each call of a kernel costs 2 mJ on the fake counter: wrap the runs so that they spend it
-    original = cuda_module._probe
+    original = cuda_profiling.probe
 
     def probe_with_energy(*args, **kwargs):
         made = original(*args, **kwargs)
@@ -468,7 +469,7 @@ def test_energy_goes_into_the_table_where_the_counter_is_readable(point_net, tmp
         return Kernel(made.name, made.impl, made.key, lambda run=made.run: (nvml.work(), run())[1], made.detail)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cuda_module, "_probe", probe_with_energy)
+        patch.setattr(cuda_profiling, "probe", probe_with_energy)
         table = target(tmp_path, options=("fp32", "w8a8"), energy=True).measure_on(
             layers, device="cpu", info=GPU, timer=ScriptedTimer(), energy_meter=meter
         )

@@ -1,3 +1,6 @@
+import importlib
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +8,7 @@ from conftest import fused_ops
 from timm import layers as timm_layers
 from torch import nn
 
-from ohq_lightning.hardware.ort_ops import layer_graph, ort_runner, transition_graph
+from ohq_lightning.deploy import layer_graph, ort_runner, transition_graph
 from ohq_lightning.layers import trace_layers
 
 
@@ -49,3 +52,14 @@ def test_transition_graphs(direction):
 def test_unknown_kernel_is_rejected(layers):
     with pytest.raises(ValueError, match="kernel"):
         layer_graph(layers[0], "int4")
+
+
+def test_the_old_module_still_works_and_says_where_its_names_moved(monkeypatch):
+    from ohq_lightning import deploy
+
+    monkeypatch.delitem(sys.modules, "ohq_lightning.hardware.ort_ops", raising=False)
+    with pytest.warns(DeprecationWarning, match=r"moved to ohq_lightning\.deploy"):
+        old = importlib.import_module("ohq_lightning.hardware.ort_ops")
+    assert old.ort_session is deploy.ort_session and old.ort_runner is deploy.ort_runner
+    assert old.layer_graph is deploy.layer_graph and old.transition_graph is deploy.transition_graph
+    assert old.ORT_KERNELS == ("fp32", "int8") and old.ORT_DISABLED_OPTIMIZERS == deploy.ORT_DISABLED_OPTIMIZERS

@@ -1,6 +1,17 @@
+import dataclasses
+
 import pytest
 
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, QuantPlan, SensitivityTable, parse_options
+from ohq_lightning.plan import (
+    CostTable,
+    LayerCost,
+    LayerInfo,
+    Option,
+    PlanRow,
+    QuantPlan,
+    SensitivityTable,
+    parse_options,
+)
 
 
 def test_option_parse_names_bits_and_floats():
@@ -45,7 +56,9 @@ def test_tables_and_plan_round_trip_through_json(tmp_path):
     assert again == costs and isinstance(again.costs["c"]["w4a8"], LayerCost)
     scores = SensitivityTable("mqe-quantize", {"c": {"w8a8": 0.0, "w4a8": 0.5}}, {"seed": 0})
     assert SensitivityTable.from_json(scores.to_json()) == scores
-    plan = QuantPlan({"c": "w4a8"}, {"size_ratio": 0.5}, {"compression_ratio": 0.5}, layers=[{"name": "c"}])
+    plan = QuantPlan(
+        {"c": "w4a8"}, {"size_ratio": 0.5}, {"compression_ratio": 0.5}, layers=[{"name": "c", "option": "w4a8"}]
+    )
     path = plan.save(tmp_path / "sub" / "plan.json")
     assert QuantPlan.from_json(path) == plan
     assert QuantPlan.from_json(str(path)) == plan
@@ -80,3 +93,32 @@ def test_unsupported_entries_are_known_by_their_source_and_skipped_on_request():
     again = CostTable.from_json(costs.to_json())
     assert again == costs and not again.costs["dw"]["w8a8"].supported
     assert "supported" not in again.costs["dw"]["w8a8"].to_dict()  # a property, not a stored field
+
+
+def test_plan_rows_round_trip_in_the_dict_shape_of_old_plans():
+    solved = {
+        "name": "c",
+        "option": "w4a8",
+        "sensitivity": 0.5,
+        "weight_bytes": 54.0,
+        "bops": 0.5,
+        "latency_ms": None,
+        "energy_mj": None,
+        "source": "table",
+        "transition_after_ms": 0.0,
+    }
+    searched = {**solved, "type": "Conv2d", "kind": "conv", "in_shape": [1, 3, 8, 8], "out_shape": [1, 4, 8, 8]}
+    searched |= {"macs": 6912, "scores": {"w8a8": 0.0, "w4a8": 0.5}}
+    for row in (solved, searched):
+        old = {"assignment": {"c": "w4a8"}, "predicted": {"size_ratio": 0.5}, "layers": [row]}
+        plan = QuantPlan.from_dict(old)
+        assert isinstance(plan.layers[0], PlanRow) and plan.layers[0].option == "w4a8"
+        assert plan.to_dict()["layers"] == [row]  # same keys, same order, same values
+        assert QuantPlan.from_json(plan.to_json()) == plan
+    described = QuantPlan.from_dict({"assignment": {}, "predicted": {}, "layers": [searched]}).layers[0]
+    assert described["scores"] == {"w8a8": 0.0, "w4a8": 0.5} and described.get("macs") == 6912
+    assert "latency_ms" in described and "nope" not in described
+    with pytest.raises(ValueError, match="not a valid QuantPlan"):
+        QuantPlan.from_json('{"assignment": {}, "predicted": {}, "layers": [{"name": "c", "option": "w4a8", "x": 1}]}')
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        described.option = "w8a8"  # type: ignore[misc]

@@ -214,7 +214,7 @@ def test_conflicting_budgets_are_reported_with_each_ones_smallest_feasible_value
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
-        ({"compression_ratio": 60}, r"\(0, 1\].*60"),  # a percentage given as a ratio
+        ({"compression_ratio": 60}, r"\(0, 4\].*got 60.*give 0\.6"),  # a percentage given as a ratio
         ({"compression_ratio": -0.5}, "compression_ratio"),
         ({"latency_budget": 0}, "latency_budget"),
         ({"latency_budget": -3.0}, "latency_budget"),
@@ -312,6 +312,28 @@ _KILLED_FIT = textwrap.dedent(
 
     root, kill_at = sys.argv[1], int(sys.argv[2])
 
+    # Every search adds a line to searches.log naming the run that searched. The callback calls ``search``
+    # through whichever module imported it: replace the name in every loaded ohq_lightning module.
+    depth = [0]
+
+    def logged(search):
+        def logged_search(*args, **kwargs):
+            if depth[0] == 0:  # one line per search, also when one ``search`` calls another
+                with open(root + "/searches.log", "a") as log:
+                    log.write(f"{{kill_at}}\\n")
+            depth[0] += 1
+            try:
+                return search(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return logged_search
+
+    modules = [module for name, module in list(sys.modules.items()) if name.startswith("ohq_lightning")]
+    for module in modules:
+        found = getattr(module, "search", None)
+        if callable(found) and getattr(found, "__module__", "").startswith("ohq_lightning"):
+            module.search = logged(found)
+
     class KillAt(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.global_step == kill_at:
@@ -338,11 +360,14 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_last_checkpoint_with_the_same_p
     saved_step = checkpoint["global_step"]
     assert 0 < saved_step < 5
     planned = json.loads((next(tmp_path.rglob("plan.json"))).read_text())["assignment"]
+    searches = tmp_path / "searches.log"
+    assert searches.read_text().splitlines() == ["5"]  # the killed run searched, once
     resumed = subprocess.run([sys.executable, str(script), str(tmp_path), "-1"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert result["step"] == 12
     assert result["plan"] == planned
+    assert searches.read_text().splitlines() == ["5"]  # the resumed run took the plan from the checkpoint: no search
 
 
 # ----------------------------------------------------------------------------- properties

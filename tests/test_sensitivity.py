@@ -2,10 +2,26 @@ import pytest
 import torch
 from conftest import same_state, state_snapshot
 
+from ohq_lightning import config
+from ohq_lightning.config import SearchConfig
 from ohq_lightning.layers import trace_layers
-from ohq_lightning.quant import quantized_layers
-from ohq_lightning.sensitivity import kl_divergence, mqe_sensitivity
-from ohq_lightning.synthetic import gaussian_inputs
+from ohq_lightning.plan import Option, SensitivityTable
+from ohq_lightning.quant import apply_plan, quantized_layers
+from ohq_lightning.sensitivity import (
+    METHODS,
+    MQE_METHODS,
+    PERTURBATIONS,
+    SENSITIVITY_REGISTRY,
+    SYNTHETIC_KINDS,
+    compute_sensitivity,
+    gaussian_inputs,
+    kl_divergence,
+    mqe_sensitivity,
+    random_sensitivity,
+    sensitivity_by_name,
+    weight_error_sensitivity,
+)
+from ohq_lightning.sensitivity.mqe import _logits, _quantize_score
 
 OPTIONS = ["w8a8", "w4a8", "w2a8", "fp32"]
 
@@ -31,7 +47,7 @@ def test_scores_are_ordered_by_bit_width_and_float_is_free(scored):
     for name, row in table.scores.items():
         assert row["fp32"] == 0.0
         assert row["w2a8"] > row["w4a8"] > 0, name
-        assert row["w4a8"] >= 0.9 * row["w8a8"], name
+        assert row["w4a8"] > 4 * row["w8a8"], name  # a 16x coarser weight grid; measured: 10x to 365x
     assert same_state(model, before) and not quantized_layers(model)
 
 
@@ -73,8 +89,6 @@ def test_bad_arguments_are_clear_errors(scored):
 
 
 def test_a_model_with_fake_quant_layers_is_rejected_and_left_as_it_was(scored):
-    from ohq_lightning.quant import apply_plan
-
     model, layers, inputs = scored
     apply_plan(model, {"fc": "w8a8"})
     with pytest.raises(ValueError, match=r"strip_plan\(model\) first"):
@@ -83,10 +97,6 @@ def test_a_model_with_fake_quant_layers_is_rejected_and_left_as_it_was(scored):
 
 
 def test_the_temporary_swap_undoes_only_the_layer_it_added(scored):
-    from ohq_lightning.plan import Option
-    from ohq_lightning.quant import apply_plan
-    from ohq_lightning.sensitivity import _logits, _quantize_score
-
     model, _, inputs = scored
     reference = _logits(model, inputs, len(inputs))
     apply_plan(model, {"fc": "w8a8"})
@@ -136,3 +146,48 @@ def test_pruned_layers_are_scored_on_their_masked_weight(tiny_net, tiny_input, m
     assert same_state(model, before) and not quantized_layers(model)
     for name, weight in stale.items():  # even the weight attribute the pruning hook rewrites is put back
         assert model.get_submodule(name).weight is weight
+
+
+def test_the_registry_names_what_the_search_settings_accept():
+    assert METHODS == config.SENSITIVITY_METHODS
+    assert MQE_METHODS == PERTURBATIONS == ("quantize", "random_mask")
+    assert SYNTHETIC_KINDS == config.SYNTHETIC_KINDS
+    for name, entry in SENSITIVITY_REGISTRY.items():
+        assert entry.name == name and entry.needs_inputs == SearchConfig(sensitivity=name).uses_mqe
+
+
+def test_a_method_by_name_scores_as_the_function_it_names(scored):
+    model, layers, inputs = scored
+    for method in ("quantize", "random_mask"):
+        by_name = sensitivity_by_name(method, model, layers, OPTIONS, inputs=inputs, seed=3, progress=False)
+        direct = mqe_sensitivity(model, inputs, layers, OPTIONS, method=method, seed=3, progress=False)
+        assert by_name.method == direct.method and by_name.scores == direct.scores
+    by_name = sensitivity_by_name("weight_error", model, layers, OPTIONS, progress=False)
+    assert by_name.scores == weight_error_sensitivity(model, layers, OPTIONS).scores
+    by_name = sensitivity_by_name("random", model, layers, OPTIONS, seed=3)
+    assert by_name.scores == random_sensitivity(layers, OPTIONS, seed=3).scores
+
+
+def test_a_method_by_name_refuses_an_unknown_name_and_mqe_without_inputs(scored):
+    model, layers, _ = scored
+    with pytest.raises(ValueError, match=r"unknown sensitivity method 'hessian'; use one of \('quantize'"):
+        sensitivity_by_name("hessian", model, layers, OPTIONS)
+    with pytest.raises(ValueError, match="scores layers on inputs"):
+        sensitivity_by_name("quantize", model, layers, OPTIONS)
+
+
+def test_the_search_stage_makes_inputs_only_for_mqe_and_times_what_it_ran(scored, tiny_input):
+    model, layers, inputs = scored
+    timings: dict[str, float] = {}
+    settings = SearchConfig(sensitivity="quantize", synthetic="gaussian", num_samples=len(inputs), seed=0)
+    table = compute_sensitivity(settings, model, tiny_input, layers, OPTIONS, progress=False, timings=timings)
+    assert table.scores == mqe_sensitivity(model, inputs, layers, OPTIONS, progress=False).scores
+    assert set(timings) == {"synthetic", "sensitivity"}
+    timings.clear()
+    table = compute_sensitivity(
+        SearchConfig(sensitivity="weight_error"), model, tiny_input, layers, OPTIONS, timings=timings
+    )
+    assert table.method == "weight_error" and set(timings) == {"sensitivity"}
+    partial = SensitivityTable(method="mine", scores={"fc": dict.fromkeys(OPTIONS, 1.0)})
+    with pytest.raises(ValueError, match="no score for"):
+        compute_sensitivity(SearchConfig(sensitivity=partial), model, tiny_input, layers, OPTIONS)

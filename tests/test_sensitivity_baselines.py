@@ -4,14 +4,16 @@ from conftest import same_state, state_snapshot
 from torch import nn
 from torch.nn.utils import prune
 
-from ohq_lightning.api import search
 from ohq_lightning.hardware import create_target
 from ohq_lightning.layers import trace_layers
+from ohq_lightning.pipeline import search
 from ohq_lightning.plan import SensitivityTable
 from ohq_lightning.quant.fake_quant import WeightFakeQuant
-from ohq_lightning.sensitivity import METHODS, MQE_METHODS, mqe_sensitivity
-from ohq_lightning.sensitivity_baselines import (
+from ohq_lightning.sensitivity import (
+    METHODS,
+    MQE_METHODS,
     hessian_sensitivity,
+    mqe_sensitivity,
     random_sensitivity,
     weight_error_sensitivity,
     weight_quantization_error,

@@ -10,8 +10,18 @@ import re
 
 import pytest
 
-from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, QuantPlan, SensitivityTable
-from ohq_lightning.solver import BUDGETS, InfeasibleBudgetError, best_of, pareto_sweep, solve
+import ohq_lightning.solver._solve as solve_module
+from ohq_lightning.config import RESOURCE_BUDGETS, Budgets
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, PlanRow, QuantPlan, SensitivityTable
+from ohq_lightning.solver import (
+    BUDGETS,
+    InfeasibleBudgetError,
+    best_of,
+    pareto_sweep,
+    resolve_sensitivity_budget,
+    solve,
+    uniform_as_run,
+)
 
 OPTION_POOL = {"w2a8": 2, "w3a8": 3, "w4a8": 4, "w5a8": 5, "w6a8": 6, "w8a8": 8}
 
@@ -556,10 +566,8 @@ def test_numpy_scalars_accepted() -> None:
 
 
 def test_stopped_on_time_with_a_solution_returns_feasible_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ohq_lightning.solver as solver_module
-
     sens, costs = make_tables(3, ["w4a8", "w8a8"], 45)
-    monkeypatch.setattr(solver_module, "_solve_ilp", lambda objective, rows, limit: ("Feasible", [1, 1, 1]))
+    monkeypatch.setattr(solve_module, "solve_program", lambda model, program, limit: ("Feasible", [1, 1, 1]))
     with pytest.warns(RuntimeWarning, match="before proving the plan optimal"):
         plan = solve(sens, costs, compression_ratio=1.0, time_limit_s=1)
     assert plan.status == "Feasible"
@@ -567,10 +575,8 @@ def test_stopped_on_time_with_a_solution_returns_feasible_plan(monkeypatch: pyte
 
 
 def test_stopped_on_time_without_a_solution_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ohq_lightning.solver as solver_module
-
     sens, costs = make_tables(3, ["w4a8", "w8a8"], 46)
-    monkeypatch.setattr(solver_module, "_solve_ilp", lambda objective, rows, limit: ("Not Solved", None))
+    monkeypatch.setattr(solve_module, "solve_program", lambda model, program, limit: ("Not Solved", None))
     with pytest.raises(RuntimeError, match=r"Not Solved.*time_limit_s"):
         solve(sens, costs, time_limit_s=1)
 
@@ -783,3 +789,112 @@ def test_best_of_picks_what_solve_would_among_the_candidates_and_drops_those_ove
     assert plan is not None and plan.assignment == best
     assert plan.predicted["size_ratio"] <= 0.6 + 1e-9
     assert best_of([candidates[0]], sens, costs, compression_ratio=1e-6) is None
+
+
+# ----------------------------------------------------------------------------- Budgets objects and option-named bounds
+
+
+def test_budgets_object_gives_the_plan_of_the_same_keywords() -> None:
+    sens, costs = make_tables(6, ["w2a8", "w4a8", "w8a8"], 51)
+    loose = solve(sens, costs, compression_ratio=0.6, latency_budget=50.0)
+    typed = solve(sens, costs, budgets=Budgets(compression_ratio=0.6, latency_budget=50.0))
+    assert typed.assignment == loose.assignment and typed.budgets == loose.budgets == {
+        "compression_ratio": 0.6,
+        "latency_budget": 50.0,
+    }
+    assert BUDGETS == RESOURCE_BUDGETS
+    with pytest.raises(ValueError, match="not both"):
+        solve(sens, costs, budgets=Budgets(compression_ratio=0.6), latency_budget=50.0)
+    with pytest.raises(TypeError, match="Budgets"):
+        solve(sens, costs, budgets={"compression_ratio": 0.6})  # type: ignore[arg-type]
+    candidates = [dict.fromkeys(costs.layers, option) for option in costs.options]
+    assert best_of(candidates, sens, costs, budgets=Budgets(compression_ratio=0.6)) == best_of(
+        candidates, sens, costs, compression_ratio=0.6
+    )
+
+
+def test_compression_ratio_above_one_is_a_budget_like_any_other() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 52)
+    plan = solve(sens, costs, budgets=Budgets(compression_ratio=2.0))
+    assert plan.budgets == {"compression_ratio": 2.0} and set(plan.assignment.values()) == {"w8a8"}
+
+
+def test_option_named_sensitivity_budget_is_uniform_totals_as_the_target_runs_it() -> None:
+    sens, costs = make_tables(5, ["w2a8", "w4a8", "w8a8"], 53)
+    mark_unsupported(costs, "block1.conv", "w8a8")
+    uniform = uniform_as_run(costs, sens, "w8a8", costs.options)
+    least = min(["w2a8", "w4a8"], key=lambda o: sens.scores["block1.conv"][o])
+    assert uniform == {**dict.fromkeys(costs.layers, "w8a8"), "block1.conv": least}
+    total = sum(sens.scores[layer][option] for layer, option in uniform.items())
+    resolved = resolve_sensitivity_budget(Budgets(sensitivity_budget="W8A8"), sens, costs.options, costs)
+    assert total < resolved.sensitivity_budget <= total * (1 + 1e-9) + 1e-15
+    same = Budgets(compression_ratio=0.5)
+    assert resolve_sensitivity_budget(same, sens, costs.options, costs) is same
+    plan = solve(sens, costs, minimize="latency", sensitivity_budget="w8a8")
+    assert plan.budgets == {"sensitivity_budget": resolved.sensitivity_budget}
+    assert plan.meta["sensitivity_budget_from"] == "uniform w8a8"
+    assert plan.assignment == solve(sens, costs, minimize="latency", budgets=resolved).assignment
+    assert plan.predicted["sensitivity"] <= total * (1 + 1e-9) + 1e-15
+    with pytest.raises(ValueError, match="not a candidate option"):
+        solve(sens, costs, minimize="latency", sensitivity_budget="w8a8", options=["w2a8", "w4a8"])
+
+
+def test_minimize_auto_picks_the_objective_by_the_budgets() -> None:
+    sens, costs = make_tables(5, ["w2a8", "w4a8", "w8a8"], 54)
+    auto = solve(sens, costs, minimize="auto", compression_ratio=0.6)
+    assert auto.assignment == solve(sens, costs, compression_ratio=0.6).assignment
+    assert auto.meta["minimize"] == "sensitivity"
+    fastest = solve(sens, costs, minimize="auto")
+    assert fastest.assignment == solve(sens, costs, minimize="latency", sensitivity_budget="w8a8").assignment
+    assert fastest.meta["minimize"] == "latency" and fastest.meta["sensitivity_budget_from"] == "uniform w8a8"
+    bounded = solve(sens, costs, minimize="auto", sensitivity_budget=0.1)
+    assert bounded.meta["minimize"] == "latency" and bounded.budgets == {"sensitivity_budget": 0.1}
+    with pytest.raises(ValueError, match="cost_weight"):
+        solve(sens, costs, minimize="auto", cost_weight=1.0)
+
+
+def test_pareto_sweep_takes_the_other_budgets_as_an_object() -> None:
+    sens, costs = make_tables(6, ["w2a8", "w4a8", "w8a8"], 55)
+    values = [0.4, 0.6, 0.8]
+    typed = pareto_sweep(sens, costs, budget="compression_ratio", values=values, budgets=Budgets(latency_budget=1e3))
+    loose = pareto_sweep(sens, costs, budget="compression_ratio", values=values, latency_budget=1e3)
+    assert [p.assignment for p in typed] == [p.assignment for p in loose]
+    assert [p.budgets for p in typed] == [{"compression_ratio": v, "latency_budget": 1e3} for v in values]
+    with pytest.raises(ValueError, match="swept"):
+        pareto_sweep(sens, costs, budget="compression_ratio", values=values, budgets=Budgets(compression_ratio=0.5))
+    with pytest.raises(ValueError, match="not both"):
+        pareto_sweep(sens, costs, budget="compression_ratio", values=values, budgets=Budgets(), bops_budget=1.0)
+
+
+def test_budgets_check_every_value_once() -> None:
+    assert Budgets.from_mapping({"compression_ratio": 0.5, "latency_budget": None}).resources() == {
+        "compression_ratio": 0.5
+    }
+    with pytest.raises(ValueError, match="unknown budget 'int8_budget'"):
+        Budgets.from_mapping({"int8_budget": 1.0})
+    with pytest.raises(ValueError, match="bops_budget"):
+        Budgets(bops_budget=0.0)
+    assert Budgets(sensitivity_budget=0).sensitivity_budget == 0.0
+    for bad in ("int8", -1.0, math.nan):
+        with pytest.raises(ValueError, match="sensitivity_budget"):
+            Budgets(sensitivity_budget=bad)
+
+
+def test_plan_rows_are_typed_and_read_like_the_old_dicts() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 56)
+    plan = solve(sens, costs, compression_ratio=0.8)
+    row = plan.layers[0]
+    assert isinstance(row, PlanRow) and row["name"] == row.name == costs.layers[0]
+    assert set(row.to_dict()) == {
+        "name",
+        "option",
+        "sensitivity",
+        "weight_bytes",
+        "bops",
+        "latency_ms",
+        "energy_mj",
+        "source",
+    }
+    assert "transition_after_ms" not in row and row.get("macs", 7) == 7
+    with pytest.raises(KeyError):
+        row["type"]

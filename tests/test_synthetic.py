@@ -3,7 +3,8 @@ import torch
 from conftest import make_tiny_net, same_state, state_snapshot
 from torch import nn
 
-from ohq_lightning.synthetic import _bn_layers, distilled_inputs, gaussian_inputs, synthetic_inputs
+from ohq_lightning.sensitivity import distilled_inputs, gaussian_inputs, model_fingerprint, synthetic_inputs
+from ohq_lightning.sensitivity.synthetic import _bn_layers
 
 
 def _bn_mismatch(model: nn.Module, inputs: torch.Tensor) -> float:
@@ -38,7 +39,7 @@ def test_distilled_inputs_match_batchnorm_statistics_better_and_leave_the_model_
     distilled = distilled_inputs(tiny_net, tiny_input, 8, steps=30, seed=0, cache_dir=False, progress=False)
     assert distilled.shape == start.shape and torch.isfinite(distilled).all()
     tiny_net.eval()
-    assert _bn_mismatch(tiny_net, distilled) < 0.5 * _bn_mismatch(tiny_net, start)
+    assert _bn_mismatch(tiny_net, distilled) < 0.15 * _bn_mismatch(tiny_net, start)  # measured: 0.050
     assert same_state(tiny_net, before)
     assert all(p.requires_grad for p in tiny_net.parameters())
 
@@ -79,8 +80,6 @@ def test_unknown_kind_is_rejected(tiny_net, tiny_input):
 
 
 def test_the_fingerprint_hashes_every_dtype_including_bfloat16():
-    from ohq_lightning.synthetic import model_fingerprint
-
     model = make_tiny_net().to(torch.bfloat16)
     first = model_fingerprint(model)
     assert first == model_fingerprint(make_tiny_net().to(torch.bfloat16))
@@ -91,8 +90,6 @@ def test_the_fingerprint_hashes_every_dtype_including_bfloat16():
 
 
 def test_the_fingerprint_of_float32_models_is_unchanged():
-    from ohq_lightning.synthetic import model_fingerprint
-
     model = nn.Linear(2, 2)
     expected = __import__("hashlib").sha256(b"Linear")
     for name, tensor in model.state_dict().items():

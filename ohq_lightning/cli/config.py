@@ -15,6 +15,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from ohq_lightning.config import Budgets, SearchConfig
+
 __all__ = [
     "DataConfig",
     "EvalConfig",
@@ -66,7 +68,11 @@ class OHQConfig:
     ``minimize: auto`` picks the objective from the budgets given: with a resource budget
     (``compression_ratio``, ``latency_budget``, ``energy_budget``, ``bops_budget``) it minimises the
     total sensitivity under it; with none it minimises latency with total sensitivity no worse than
-    uniform INT8's (``sensitivity_budget: w8a8``).
+    uniform INT8's (``sensitivity_budget: w8a8``). That rule is :meth:`SearchConfig.objective
+    <ohq_lightning.config.SearchConfig.objective>`'s: the flat fields here (the names of the Hydra
+    overrides, e.g. ``ohq.compression_ratio=0.5``) become a :class:`~ohq_lightning.config.Budgets`
+    (:meth:`budgets`) and a :class:`~ohq_lightning.config.SearchConfig` (:meth:`search_config`), which
+    check every value with a one-line ``ValueError``.
     """
 
     compression_ratio: float | None = None
@@ -86,6 +92,39 @@ class OHQConfig:
     qat_epochs: int = 1
     qat_lr: float = 0.005
     seed: int = 0
+
+    def budgets(self) -> Budgets:
+        """The budget fields as a checked :class:`~ohq_lightning.config.Budgets` (``ValueError`` on a bad value).
+
+        Example:
+            >>> OHQConfig(compression_ratio=0.5).budgets().given()
+            {'compression_ratio': 0.5}
+        """
+        return Budgets(
+            compression_ratio=self.compression_ratio,
+            latency_budget=self.latency_budget,
+            energy_budget=self.energy_budget,
+            bops_budget=self.bops_budget,
+            sensitivity_budget=self.sensitivity_budget,
+        )
+
+    def search_config(self) -> SearchConfig:
+        """The search fields as a checked :class:`~ohq_lightning.config.SearchConfig` (``ValueError`` on a bad value).
+
+        Example:
+            >>> minimize, budgets = OHQConfig().search_config().objective(OHQConfig().budgets())
+            >>> minimize, budgets.given()
+            ('latency', {'sensitivity_budget': 'w8a8'})
+        """
+        return SearchConfig(
+            options=None if self.options is None else tuple(self.options),
+            sensitivity=self.sensitivity,
+            synthetic=self.synthetic,
+            num_samples=self.num_samples,
+            distill_steps=self.distill_steps,
+            minimize=self.minimize,
+            seed=self.seed,
+        )
 
 
 @dataclass

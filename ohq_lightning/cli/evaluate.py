@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ohq_lightning._util.progress import progress_bar
 from ohq_lightning._util.timing import TimingSettings
+from ohq_lightning.deploy import RUNTIMES, deploy_plan, measure_latency
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import LayerInfo, Option, QuantPlan
 from ohq_lightning.quant import apply_plan, calibrate, quantized_layers, strip_plan
@@ -96,8 +97,6 @@ def evaluate_plan(
         ``calibration_only_accuracy`` (the same plan applied to ``float_model`` and calibrated on
         ``calibration``, without fine-tuning: what the fine-tuning bought).
     """
-    from ohq_lightning.deploy import RUNTIMES, deploy_plan, measure_latency
-
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown deployment runtime {runtime!r}; available: {list(RUNTIMES)}")
 

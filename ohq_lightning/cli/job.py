@@ -1,70 +1,219 @@
 """The Hydra job: train (if needed), search + quantization-aware fine-tuning, deploy and measure, report.
 
-Every figure in the report is measured in this run: accuracies on the test split of the data,
-latencies by timing the deployed models on this machine, sizes from the weights. What is
-predicted (the search's latency model) is labelled as such beside what was measured.
+:func:`run_job` runs the stages in order, each a short step below. The ``ohq`` settings become
+:class:`~ohq_lightning.config.Budgets` and :class:`~ohq_lightning.config.SearchConfig` first, so a bad
+value fails with its one-line message before any training. What is written is
+:mod:`~ohq_lightning.cli.job_report`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import logging
-import platform
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ohq_lightning._util.timing import TimingSettings, set_threads
 from ohq_lightning.cli.config import JobConfig, OHQConfig
 from ohq_lightning.cli.data import ImageData, build_data
 from ohq_lightning.cli.evaluate import evaluate_plan
-from ohq_lightning.cli.model import build_model, classifier
+from ohq_lightning.cli.job_report import build_report, write_reports
+from ohq_lightning.cli.model import Classifier, build_model, classifier
+from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.hardware import create_target
+from ohq_lightning.lightning import OHQCallback
 from ohq_lightning.plan import QuantPlan
-from ohq_lightning.report import format_plan_table, format_table
 
-__all__ = ["objective", "run_job", "summary_table", "write_reports"]
+__all__ = ["objective_record", "run_job", "search_settings"]
 
-_RESOURCE_BUDGETS = ("compression_ratio", "latency_budget", "energy_budget", "bops_budget")
 _log = logging.getLogger(__name__)
 
 
-def objective(ohq: OHQConfig) -> dict[str, Any]:
-    """The budgets and objective for :class:`~ohq_lightning.OHQCallback` from the ``ohq`` config.
+def search_settings(ohq: OHQConfig) -> tuple[Budgets, SearchConfig]:
+    """The ``ohq`` config as the budgets and search settings :class:`~ohq_lightning.OHQCallback` takes.
 
-    ``minimize: auto``: with a resource budget, minimise sensitivity under it; without one,
-    minimise latency with total sensitivity no worse than uniform INT8's (``sensitivity_budget:
-    w8a8``, unless a sensitivity budget is given). A given ``plan`` needs no objective.
+    Every value is checked here (a ``ValueError`` with a one-line message), and so is the objective
+    (``minimize: sensitivity`` without a resource budget is refused), before any training starts.
+    With a ``plan`` the search is skipped and no budget is passed on.
+    """
+    budgets, search = ohq.budgets(), ohq.search_config()
+    if ohq.plan is not None:
+        return Budgets(), search
+    search.objective(budgets)
+    return budgets, search
+
+
+def objective_record(ohq: OHQConfig) -> dict[str, Any]:
+    """What ``report.json`` records as the objective: ``minimize`` resolved, then the budgets; ``{}`` with a plan.
+
+    ``minimize: auto`` and the default accuracy bound are resolved by
+    :meth:`SearchConfig.objective <ohq_lightning.config.SearchConfig.objective>`.
 
     Example:
-        >>> objective(OHQConfig())
+        >>> objective_record(OHQConfig())
         {'minimize': 'latency', 'sensitivity_budget': 'w8a8'}
-        >>> objective(OHQConfig(compression_ratio=0.5))
+        >>> objective_record(OHQConfig(compression_ratio=0.5))
         {'minimize': 'sensitivity', 'compression_ratio': 0.5}
     """
     if ohq.plan is not None:
         return {}
-    budgets: dict[str, Any] = {key: getattr(ohq, key) for key in _RESOURCE_BUDGETS if getattr(ohq, key) is not None}
-    minimize = ohq.minimize
-    if minimize == "auto":
-        minimize = "sensitivity" if budgets else "latency"
-    if ohq.sensitivity_budget is not None:
-        budgets["sensitivity_budget"] = ohq.sensitivity_budget
-    elif minimize == "latency":
-        budgets["sensitivity_budget"] = "w8a8"
-    return {"minimize": minimize, **budgets}
+    minimize, budgets = ohq.search_config().objective(ohq.budgets())
+    return {"minimize": minimize, **budgets.given()}
+
+
+def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Run the whole job and write ``report.json``, ``report.md``, ``plan.json`` and plots to ``output_dir``.
+
+    Returns the report (what ``report.json`` holds).
+    """
+    cfg = _job_config(cfg)
+    budgets, search = search_settings(cfg.ohq)
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _prepare_process(cfg)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "float_training"):
+        pl.seed_everything(cfg.seed, verbose=False)
+        data = _build_data(cfg)
+        float_module = _float_model(cfg, data, root)
+    with _timed(seconds, "search_and_qat"):
+        qat_module, plan = _search_and_finetune(cfg, data, float_module, root, budgets=budgets, search=search)
+    runtime, threads = _runtime(cfg), _threads(cfg)
+    with _timed(seconds, "evaluation"):
+        results = _evaluate(cfg, data, float_module, qat_module, plan, runtime=runtime, threads=threads)
+    report = build_report(
+        cfg,
+        data=data.describe(),
+        plan=plan,
+        results=results,
+        objective=objective_record(cfg.ohq),
+        runtime=runtime,
+        threads=threads,
+        seconds=seconds,
+    )
+    write_reports(report, plan, root, plots=cfg.eval.plots)
+    return report
+
+
+def _job_config(cfg: JobConfig | DictConfig) -> JobConfig:
+    """The schema object of a composed config (Hydra passes a ``DictConfig``)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    assert isinstance(cfg, JobConfig)
+    return cfg
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the wall-clock seconds of the block under ``stage``."""
+    started = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - started
+
+
+def _prepare_process(cfg: JobConfig) -> None:
+    """Quiet the known harmless warnings and Lightning's duplicate messages; set the thread count."""
+    warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+    _quiet_lightning()
+    if cfg.trainer.threads:
+        set_threads(cfg.trainer.threads)
+
+
+def _build_data(cfg: JobConfig) -> ImageData:
+    return build_data(
+        cfg.data.name,
+        root=cfg.data.root,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        max_eval_samples=cfg.data.max_eval_samples,
+        seed=cfg.data.seed,
+    )
+
+
+def _float_model(cfg: JobConfig, data: ImageData, root: Path) -> Classifier:
+    """The float network, trained here (and saved as ``float_model.pt``) when no checkpoint is given."""
+    network = build_model(
+        cfg.model.name, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained
+    )
+    float_module = classifier(network, cfg.train)
+    if cfg.model.checkpoint is None and cfg.train.epochs > 0:
+        _log.info("training the float model for %d epochs on %s", cfg.train.epochs, data.name)
+        _trainer(cfg, root, "float", cfg.train.epochs, []).fit(float_module, data.train_loader())
+        torch.save(float_module.model.state_dict(), root / "float_model.pt")
+    return float_module
+
+
+def _search_and_finetune(
+    cfg: JobConfig,
+    data: ImageData,
+    float_module: Classifier,
+    root: Path,
+    *,
+    budgets: Budgets,
+    search: SearchConfig,
+) -> tuple[Classifier, QuantPlan]:
+    """Fit a copy of the float model with :class:`~ohq_lightning.OHQCallback`: search, then fine-tune with QAT.
+
+    With ``ohq.qat_epochs: 0`` the fit stops after the search and calibration (post-training quantization).
+    """
+    callback = OHQCallback(
+        target=_hardware_settings(cfg),
+        budgets=budgets,
+        search=search,
+        plan=cfg.ohq.plan,
+        calibration=cfg.ohq.calibration,
+        calibration_batches=cfg.ohq.calibration_batches,
+        finetune=cfg.ohq.qat_epochs > 0,
+        progress=cfg.trainer.progress_bar,
+    )
+    epochs = max(cfg.ohq.qat_epochs, 1)
+    qat_module = classifier(copy.deepcopy(float_module.model), cfg.train, lr=cfg.ohq.qat_lr, epochs=epochs)
+    qat_module.train()
+    _trainer(cfg, root, "qat", epochs, [callback]).fit(qat_module, data.train_loader())
+    plan = callback.plan
+    assert plan is not None
+    return qat_module, plan
+
+
+def _evaluate(
+    cfg: JobConfig,
+    data: ImageData,
+    float_module: Classifier,
+    qat_module: Classifier,
+    plan: QuantPlan,
+    *,
+    runtime: str,
+    threads: int,
+) -> dict[str, dict[str, Any]]:
+    """FP32, uniform INT8 and the plan, deployed in ``runtime`` and measured the same way."""
+    return evaluate_plan(
+        float_module.eval(),
+        qat_module.eval(),
+        plan,
+        example=data.example_input(),
+        test_loader=data.test_loader(),
+        calibration=_calibration_batches(data, cfg.ohq.calibration_batches),
+        num_classes=data.num_classes,
+        runtime=runtime,
+        threads=threads,
+        timing=TimingSettings(max_seconds=cfg.eval.max_seconds, min_repeats=15),
+        rounds=cfg.eval.timing_rounds,
+        progress=cfg.trainer.progress_bar,
+    )
 
 
 def _trainer(cfg: JobConfig, root: Path, name: str, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    from lightning.pytorch.loggers import CSVLogger
-
     return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -100,8 +249,6 @@ def _quiet_lightning() -> None:
 
 def _hardware_settings(cfg: JobConfig) -> dict[str, Any]:
     """The hardware config, with the job's progress-bar setting for targets that show one."""
-    from ohq_lightning.hardware import create_target
-
     settings = dict(cfg.hardware)
     if "progress" in settings or not isinstance(settings.get("name"), str):
         return settings  # a missing name is reported by the callback
@@ -124,188 +271,3 @@ def _threads(cfg: JobConfig) -> int:
 
 def _calibration_batches(data: ImageData, count: int) -> list[torch.Tensor]:
     return [x for x, _ in islice(data.train_loader(), count)]
-
-
-def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run the whole job and write ``report.json``, ``report.md``, ``plan.json`` and plots to ``output_dir``.
-
-    Returns the report (what ``report.json`` holds).
-    """
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    assert isinstance(cfg, JobConfig)
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
-    _quiet_lightning()
-    if cfg.trainer.threads:
-        set_threads(cfg.trainer.threads)
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    pl.seed_everything(cfg.seed, verbose=False)
-    data = build_data(
-        cfg.data.name,
-        root=cfg.data.root,
-        image_size=cfg.data.image_size,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        max_eval_samples=cfg.data.max_eval_samples,
-        seed=cfg.data.seed,
-    )
-    network = build_model(
-        cfg.model.name, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained
-    )
-    float_module = classifier(network, cfg.train)
-    trained_here = cfg.model.checkpoint is None and cfg.train.epochs > 0
-    if trained_here:
-        _log.info("training the float model for %d epochs on %s", cfg.train.epochs, data.name)
-        _trainer(cfg, root, "float", cfg.train.epochs, []).fit(float_module, data.train_loader())
-        torch.save(float_module.model.state_dict(), root / "float_model.pt")
-    seconds["float_training"] = time.perf_counter() - started
-
-    from ohq_lightning.callback import OHQCallback
-
-    started = time.perf_counter()
-    finetune = cfg.ohq.qat_epochs > 0
-    callback = OHQCallback(
-        hardware=_hardware_settings(cfg),
-        options=cfg.ohq.options,
-        sensitivity=cfg.ohq.sensitivity,
-        synthetic=cfg.ohq.synthetic,
-        num_samples=cfg.ohq.num_samples,
-        distill_steps=cfg.ohq.distill_steps,
-        plan=cfg.ohq.plan,
-        calibration=cfg.ohq.calibration,
-        calibration_batches=cfg.ohq.calibration_batches,
-        finetune=finetune,
-        seed=cfg.ohq.seed,
-        progress=cfg.trainer.progress_bar,
-        **objective(cfg.ohq),
-    )
-    qat_module = classifier(
-        copy.deepcopy(float_module.model), cfg.train, lr=cfg.ohq.qat_lr, epochs=max(cfg.ohq.qat_epochs, 1)
-    )
-    qat_module.train()
-    _trainer(cfg, root, "qat", max(cfg.ohq.qat_epochs, 1), [callback]).fit(qat_module, data.train_loader())
-    plan = callback.plan
-    assert plan is not None
-    seconds["search_and_qat"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    runtime, threads = _runtime(cfg), _threads(cfg)
-    results = evaluate_plan(
-        float_module.eval(),
-        qat_module.eval(),
-        plan,
-        example=data.example_input(),
-        test_loader=data.test_loader(),
-        calibration=_calibration_batches(data, cfg.ohq.calibration_batches),
-        num_classes=data.num_classes,
-        runtime=runtime,
-        threads=threads,
-        timing=TimingSettings(max_seconds=cfg.eval.max_seconds, min_repeats=15),
-        rounds=cfg.eval.timing_rounds,
-        progress=cfg.trainer.progress_bar,
-    )
-    seconds["evaluation"] = time.perf_counter() - started
-    report = {
-        "model": cfg.model.name,
-        "weights": cfg.model.checkpoint
-        or ("timm pretrained" if cfg.model.pretrained else f"trained here ({cfg.train.epochs} epochs)"),
-        "data": data.describe(),
-        "hardware": dict(cfg.hardware),
-        "cost_source": plan.meta.get("cost_source", ""),
-        "objective": objective(cfg.ohq),
-        "runtime": runtime,
-        "threads": threads,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-        **results,
-        "ratios": _ratios(results),
-        "plan": {
-            "option_counts": plan.option_counts(),
-            "predicted": plan.predicted,
-            "budgets": plan.budgets,
-            "measured_during_search": plan.meta.get("plan_measured"),
-            "refinement_settled": plan.meta.get("refinement_settled"),
-        },
-        "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "search": plan.meta.get("timings_s", {})},
-        "config": asdict(cfg),
-    }
-    write_reports(report, plan, root, plots=cfg.eval.plots)
-    return report
-
-
-def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    ohq, int8, fp32 = (results[key]["latency_ms"] for key in ("ohq", "int8", "fp32"))
-    return {
-        "ohq_over_int8": ohq / int8,
-        "ohq_over_fp32": ohq / fp32,
-        "ohq_over_best_uniform": ohq / min(int8, fp32),
-        "ohq_accuracy_minus_int8": results["ohq"]["accuracy"] - results["int8"]["accuracy"],
-    }
-
-
-def summary_table(report: dict[str, Any]) -> str:
-    """The FP32 / INT8 / OHQ comparison as a Markdown table."""
-    rows = []
-    for key, label in (("fp32", "FP32"), ("int8", "uniform INT8"), ("ohq", "OHQ plan")):
-        entry = report[key]
-        rows.append(
-            [
-                label,
-                100 * entry["accuracy"],
-                entry["size_bytes"] / 1e6,
-                entry["latency_ms"],
-                entry.get("predicted_latency_ms"),
-                entry["latency_ms"] / report["fp32"]["latency_ms"],
-            ]
-        )
-    headers = [
-        "model",
-        "accuracy %",
-        "size MB",
-        f"measured ms ({report['runtime']}, {report['threads']} thr)",
-        f"predicted ms ({report['cost_source'] or '?'})",
-        "x FP32 time",
-    ]
-    return format_table(headers, rows)
-
-
-def write_reports(report: dict[str, Any], plan: QuantPlan, root: Path, *, plots: bool = True) -> None:
-    """Write ``report.json``, ``report.md``, ``plan.json`` and (``plots``) the PNG pictures to ``root``."""
-    plan.save(root / "plan.json")
-    (root / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    data = report["data"]
-    lines = [
-        f"# OHQ report: {report['model']} on {data['name']} ({data['image_size']}x{data['image_size']})",
-        "",
-        f"Weights: {report['weights']}. Hardware target: `{report['hardware'].get('name')}` "
-        f"(costs {report['cost_source'] or 'unknown'}); deployed and timed in {report['runtime']} with "
-        f"{report['threads']} thread(s) on this machine. Accuracy of the deployed models on {data['test']} test "
-        "images.",
-        "",
-        summary_table(report),
-        "",
-        f"OHQ plan / uniform INT8 latency: {report['ratios']['ohq_over_int8']:.3f}; OHQ / best uniform: "
-        f"{report['ratios']['ohq_over_best_uniform']:.3f}; fake-quant (PyTorch) accuracy of the plan: "
-        f"{100 * report['ohq']['fake_quant_accuracy']:.2f}% (calibration only, without fine-tuning: "
-        f"{100 * report['ohq']['calibration_only_accuracy']:.2f}%).",
-        "",
-        "## Plan",
-        "",
-        format_plan_table(plan),
-        "",
-        "## Seconds",
-        "",
-        "```json",
-        json.dumps(report["seconds"], indent=2),
-        "```",
-    ]
-    if plots:
-        from ohq_lightning.plots import plot_accuracy_latency, plot_plan
-
-        plot_plan(plan, root / "plan.png", title=f"OHQ plan for {report['model']}")
-        points = {key.upper(): report[key] for key in ("fp32", "int8", "ohq")}
-        plot_accuracy_latency(points, root / "accuracy_latency.png", title=f"{report['model']} on {data['name']}")
-        lines[8:8] = ["![plan](plan.png) ![accuracy vs latency](accuracy_latency.png)", ""]
-    (root / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,13 +1,13 @@
-"""The hardware seam: what every target (measured, table-driven or analytical) provides."""
+"""The hardware seam: what every target (measured, table-driven or analytical) provides, and what some add."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ohq_lightning.plan import CostTable, LayerInfo
 
-__all__ = ["HardwareTarget"]
+__all__ = ["HardwareTarget", "PlanMeasuringTarget"]
 
 
 @runtime_checkable
@@ -35,4 +35,26 @@ class HardwareTarget(Protocol):
         ``model`` and ``example_inputs`` are the float model and its input, for targets that
         measure the network in context (others ignore them).
         """
+        ...
+
+
+@runtime_checkable
+class PlanMeasuringTarget(HardwareTarget, Protocol):
+    """A target that can time whole plans and fold those timings into its cost table.
+
+    A search asks such a target to time the plan it picked and prices the next pick with the
+    refitted table, so that the plan it returns rests on a measurement of that very plan rather
+    than on a sum of per-layer estimates (see ``refine_rounds`` of :func:`ohq_lightning.search`).
+    """
+
+    def costs_with_plans(
+        self,
+        layers: Sequence[LayerInfo],
+        options: Sequence[str] | None = None,
+        *,
+        model: Any,
+        example_inputs: Any,
+        plans: Sequence[Mapping[str, str]],
+    ) -> CostTable:
+        """Like :meth:`~HardwareTarget.costs`, with ``plans`` (layer name -> option) timed as well and fitted in."""
         ...

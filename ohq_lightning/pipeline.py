@@ -1,0 +1,270 @@
+"""``search``: the one place that runs the stages in order (layers -> costs -> sensitivity -> ILP -> refinement).
+
+Each stage is a call into its own package (``layers``, ``hardware``, ``sensitivity``, ``solver``); this
+module only orders them, times them and records what they did in the plan's ``meta``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.hardware import HardwareTarget, PlanMeasuringTarget, create_target
+from ohq_lightning.layers import LayerTrace, trace_layers
+from ohq_lightning.plan import CostTable, QuantPlan, SensitivityTable, parse_options
+from ohq_lightning.sensitivity import compute_sensitivity
+from ohq_lightning.sensitivity.synthetic import example_tensor
+from ohq_lightning.solver import best_of, resolve_sensitivity_budget, solve, uniform_as_run
+
+__all__ = ["search", "split_settings"]
+
+_BUDGET_NAMES = frozenset(f.name for f in dataclasses.fields(Budgets))
+_CONFIG_NAMES = frozenset(f.name for f in dataclasses.fields(SearchConfig))
+
+
+def split_settings(
+    budgets: Budgets | None,
+    config: SearchConfig | None,
+    keywords: Mapping[str, Any],
+    *,
+    caller: str,
+    config_keyword: str = "config",
+) -> tuple[Budgets, SearchConfig]:
+    """The budgets and search settings of an entry point, from the objects or from loose keywords.
+
+    ``keywords`` may hold any :class:`~ohq_lightning.config.Budgets` and
+    :class:`~ohq_lightning.config.SearchConfig` field; they build the object that was not given.
+    Giving an object and keywords for it too is a ``ValueError``; an unknown keyword a ``TypeError``
+    naming ``caller``, as Python's own would. ``config_keyword`` is what the caller calls its
+    ``SearchConfig`` argument (``config`` for :func:`search`, ``search`` for the callback).
+    """
+    unknown = sorted(set(keywords) - _BUDGET_NAMES - _CONFIG_NAMES)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    loose_budgets = {name: value for name, value in keywords.items() if name in _BUDGET_NAMES}
+    loose_config = {name: value for name, value in keywords.items() if name in _CONFIG_NAMES}
+    for given, kind, loose, name in (
+        (budgets, Budgets, loose_budgets, "budgets"),
+        (config, SearchConfig, loose_config, config_keyword),
+    ):
+        if given is not None and not isinstance(given, kind):
+            raise ValueError(f"{name} must be a {kind.__name__} or None, got {type(given).__name__}")
+        if given is not None and loose:
+            raise ValueError(f"give {name}={kind.__name__}(...) or its fields as keywords, not both: {sorted(loose)}")
+    return (
+        Budgets(**loose_budgets) if budgets is None else budgets,
+        SearchConfig(**loose_config) if config is None else config,
+    )
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - started
+
+
+def _check_mqe_inputs(example_inputs: Any) -> None:
+    """Fail before any work when MQE cannot make synthetic inputs for this model, and say what can be used."""
+    try:
+        example_tensor(example_inputs)
+    except ValueError as error:
+        raise ValueError(
+            f"MQE scores layers on synthetic inputs: {error}. For such a model use sensitivity='weight_error' "
+            "(data-free, no forward pass) or pass a SensitivityTable (e.g. hessian_sensitivity on real batches)"
+        ) from error
+
+
+@dataclasses.dataclass
+class _Problem:
+    """What the solve and refinement stages share: the tables, the options and the objective."""
+
+    scores: SensitivityTable
+    costs: CostTable
+    options: list[str]
+    minimize: str
+    budgets: Budgets
+    config: SearchConfig
+
+    def solve(self, costs: CostTable | None = None) -> QuantPlan:
+        """The ILP's plan under ``costs`` (default: the first cost table)."""
+        return solve(self.scores, costs or self.costs, budgets=self.budgets, **self.solve_settings())
+
+    def solve_settings(self) -> dict[str, Any]:
+        """The keywords :func:`~ohq_lightning.solver.solve` and ``best_of`` share, besides the budgets."""
+        return dict(
+            minimize=self.minimize,
+            tie_groups=self.config.tie_groups,
+            cost_weight=self.config.cost_weight,
+            options=self.options,
+        )
+
+
+@dataclasses.dataclass
+class _Refinement:
+    """What refinement ends with: the plan, the costs of the latest fit, the plans timed, and whether picks settled."""
+
+    plan: QuantPlan
+    costs: CostTable
+    measured: list[dict[str, str]]
+    settled: bool
+
+
+def _refine(
+    hardware: PlanMeasuringTarget,
+    problem: _Problem,
+    plan: QuantPlan,
+    trace: LayerTrace,
+    model: nn.Module,
+    example_inputs: Any,
+) -> _Refinement:
+    """Time the plan picked end to end, refit the costs with it and solve again, until a timed plan is picked.
+
+    An optimiser is drawn to exactly the layers whose fitted costs are too optimistic, so its first pick
+    is the plan most worth timing. When the picks have not settled after ``refine_rounds``, the result
+    is the best plan that was timed, priced by the latest fit: never one no timing has checked.
+    """
+    measured: list[dict[str, str]] = []
+    costs = problem.costs
+    for _ in range(problem.config.refine_rounds):
+        if plan.assignment in measured:
+            break
+        measured.append(dict(plan.assignment))
+        costs = hardware.costs_with_plans(
+            trace.layers, problem.options, model=model, example_inputs=example_inputs, plans=measured
+        )
+        plan = problem.solve(costs)
+    settled = plan.assignment in measured
+    if not settled:
+        plan = best_of(measured, problem.scores, costs, budgets=problem.budgets, **problem.solve_settings()) or plan
+    return _Refinement(plan, costs, measured, settled)
+
+
+def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Sequence[str]) -> dict[str, Any]:
+    """Predicted latency and total sensitivity of every option applied to every layer the target runs it on.
+
+    ``fallback`` counts the layers kept at another option because the target cannot run them at this one.
+    """
+    found: dict[str, Any] = {}
+    for option in options:
+        assignment = uniform_as_run(costs, scores, option, options)
+        entry: dict[str, float] = {
+            "sensitivity": sum(scores.scores[layer][chosen] for layer, chosen in assignment.items()),
+            "fallback": sum(chosen != option for chosen in assignment.values()),
+        }
+        if all(costs.costs[layer][chosen].latency_ms is not None for layer, chosen in assignment.items()):
+            entry["latency_ms"] = costs.predicted_latency_ms(assignment)
+        found[option] = entry
+    return found
+
+
+def _describe_rows(plan: QuantPlan, trace: LayerTrace, scores: SensitivityTable) -> QuantPlan:
+    """The plan with each row carrying its layer's type, shapes, MACs and scores (a new plan; rows are frozen)."""
+    infos = {layer.name: layer for layer in trace.layers}
+    rows = [
+        dataclasses.replace(
+            row,
+            type=infos[row.name].type.rsplit(".", 1)[-1],
+            kind=infos[row.name].kind,
+            in_shape=infos[row.name].in_shape,
+            out_shape=infos[row.name].out_shape,
+            macs=infos[row.name].macs,
+            scores=dict(scores.scores[row.name]),
+        )
+        for row in plan.layers
+    ]
+    return dataclasses.replace(plan, layers=rows)
+
+
+def search(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    target: str | Mapping[str, Any] | HardwareTarget = "analytical",
+    budgets: Budgets | None = None,
+    config: SearchConfig | None = None,
+    cache_dir: str | Path | bool | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> QuantPlan:
+    """Choose one option per layer of ``model``, data-free, under the given budgets.
+
+    Runs, in order: layer discovery (one traced forward of ``example_inputs``), the target's cost
+    table, the sensitivity table (MQE on synthetic inputs by default), the ILP, and, with a target
+    that times whole plans (``cpu``), refinement: time the plan picked, refit, solve again. The model
+    is not modified.
+
+    Args:
+        model: a float model (e.g. a timm model).
+        example_inputs: an input the model runs on (a tensor, a tuple of arguments or a dict of keywords).
+        target: a target name (``"analytical"``, ``"cpu"``...), a config dict with a ``"name"`` key, or a
+            :class:`~ohq_lightning.hardware.HardwareTarget`.
+        budgets: a :class:`~ohq_lightning.config.Budgets`; or give its fields as keywords
+            (``compression_ratio=0.6``, ``latency_budget=5.0``, ``sensitivity_budget="w8a8"``...).
+        config: a :class:`~ohq_lightning.config.SearchConfig`; or give its fields as keywords
+            (``options``, ``sensitivity``, ``synthetic``, ``num_samples``, ``distill_steps``,
+            ``minimize``, ``tie_groups``, ``cost_weight``, ``refine_rounds``, ``seed``). With the default
+            ``minimize="auto"``, a resource budget means "least sensitivity under it", and no budget means
+            "the fastest plan no more sensitive than uniform INT8".
+        cache_dir: cache of synthetic inputs (``False`` disables it).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`~ohq_lightning.plan.QuantPlan`; ``plan.meta`` records the stages' timings, the layers
+        left in float and why, and the settings.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> plan = search(model, torch.randn(1, 3, 64, 64), compression_ratio=0.6, progress=False)  # doctest: +SKIP
+        >>> plan.predicted["size_ratio"] <= 0.6  # doctest: +SKIP
+        True
+    """
+    budgets, config = split_settings(budgets, config, settings, caller="search")
+    minimize, budgets = config.objective(budgets)
+    if config.uses_mqe:
+        _check_mqe_inputs(example_inputs)
+    hardware = create_target(target)
+    options = [o.name for o in parse_options(hardware.options if config.options is None else config.options)]
+    timings: dict[str, float] = {}
+    with _timed(timings, "layers"):
+        trace = trace_layers(model, example_inputs)
+    with _timed(timings, "costs"):
+        costs = hardware.costs(trace.layers, options, model=model, example_inputs=example_inputs)
+    scores = compute_sensitivity(
+        config, model, example_inputs, trace.layers, options, cache_dir=cache_dir, progress=progress, timings=timings
+    )
+    problem = _Problem(
+        scores, costs, options, minimize, resolve_sensitivity_budget(budgets, scores, options, costs), config
+    )
+    with _timed(timings, "solve"):
+        plan = problem.solve()
+    refined = _Refinement(plan, costs, [], settled=True)
+    if isinstance(hardware, PlanMeasuringTarget):
+        with _timed(timings, "refine"):
+            refined = _refine(hardware, problem, plan, trace, model, example_inputs)
+    plan, costs, measured = refined.plan, refined.costs, refined.measured
+    plan = _describe_rows(plan, trace, scores)
+    plan.meta.update(
+        timings_s=timings,
+        skipped_layers=dict(trace.skipped),
+        sensitivity_method=scores.method,
+        synthetic=config.synthetic if config.uses_mqe else None,
+        num_samples=config.num_samples if config.uses_mqe else None,
+        seed=config.seed,
+        cost_source=costs.meta.get("source", ""),
+        plan_measured=plan.assignment in measured,
+        refinement_settled=refined.settled,
+        plans_measured_in_refinement=len(measured),
+        uniform=_uniform_predictions(costs, scores, options),
+    )
+    if isinstance(budgets.sensitivity_budget, str):
+        plan.meta["sensitivity_budget_from"] = f"uniform {budgets.sensitivity_budget}"
+    return plan
