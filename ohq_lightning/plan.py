@@ -38,6 +38,7 @@ __all__ = [
     "PlanRow",
     "QuantPlan",
     "SensitivityTable",
+    "int8_weight_bytes",
     "parse_options",
 ]
 
@@ -201,6 +202,12 @@ class LayerCost(JsonMixin):
     def supported(self) -> bool:
         """False when the target cannot run the layer at this option (``source == UNSUPPORTED``)."""
         return self.source != UNSUPPORTED
+
+
+def int8_weight_bytes(layers: Sequence[LayerInfo]) -> dict[str, float]:
+    """Each layer's weight bytes at uniform 8 bits: the denominator of every compression ratio."""
+    int8 = Option.parse("w8a8")
+    return {layer.name: layer.weight_bytes(int8) for layer in layers}
 
 
 @dataclass

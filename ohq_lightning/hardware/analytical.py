@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
 
 __all__ = ["BIT_SERIAL_OPTIONS", "DEFAULT_OPTIONS", "AnalyticalTarget", "BitSerialTarget"]
 
@@ -256,11 +256,10 @@ def _estimated_table(
     details: dict[str, Any],
 ) -> CostTable:
     """A cost table from a model's per-entry ``cost``, marked as estimated in its meta."""
-    int8 = Option.parse("w8a8")
     return CostTable(
         target=name,
         options=[o.name for o in options],
         costs={layer.name: {o.name: cost(layer, o) for o in options} for layer in layers},
-        int8_weight_bytes={layer.name: layer.weight_bytes(int8) for layer in layers},
+        int8_weight_bytes=int8_weight_bytes(layers),
         meta={"source": "analytical", "kind": "estimated", **details},
     )

@@ -199,7 +199,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = True
         quantizer.observe()
     try:
         with preserved_state(model):
-            for batch in progress_bar(batches, desc="calibrate", enabled=progress):
+            for batch in progress_bar(batches, desc="calibrating activation ranges", enabled=progress):
                 run_model(model, batch)
                 count += 1
     finally:

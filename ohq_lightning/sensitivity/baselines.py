@@ -67,7 +67,7 @@ def _weight_errors(
 ) -> dict[str, dict[str, float]]:
     """Layer -> option -> ``||Q(W) - W||^2``; options that quantize the weight alike are computed once."""
     errors: dict[str, dict[str, float]] = {}
-    for name in progress_bar(list(modules), desc="weight error", enabled=progress):
+    for name in progress_bar(list(modules), desc="weight quantization error per layer (baseline)", enabled=progress):
         weight = float_weight(modules[name])
         by_weight_format: dict[tuple[int | None, str | None], float] = {}
         row = errors.setdefault(name, {})

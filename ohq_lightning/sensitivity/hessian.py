@@ -147,7 +147,7 @@ def _trace_samples(
     """Hutchinson samples of each layer's trace (layer x iteration), the mean loss, and the Hardsigmoids swapped."""
     samples = torch.zeros(len(params), iterations, dtype=torch.float64)
     losses: list[float] = []
-    bar = progress_bar([], desc="Hessian trace", enabled=progress, total=len(data) * iterations)
+    bar = progress_bar([], desc="Hessian trace per layer (baseline)", enabled=progress, total=len(data) * iterations)
     try:
         with _eval_with_weight_grads(model, params), _twice_differentiable(model) as swapped, torch.enable_grad():
             for inputs, targets in data:

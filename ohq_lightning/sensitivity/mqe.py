@@ -226,7 +226,9 @@ def _score_all(
     perturb = _PERTURB[method]
     scores: dict[str, dict[str, float]] = {}
     work = [(name, option) for name in names for option in options]
-    for name, option in progress_bar(work, desc=f"MQE ({method})", enabled=progress):
+    for name, option in progress_bar(
+        work, desc=f"scoring each layer's accuracy impact (MQE, {method})", enabled=progress
+    ):
         row = scores.setdefault(name, {})
         row[option.name] = 0.0 if option.float_format == "fp32" else perturb(ctx, name, option)
     return scores

@@ -130,7 +130,7 @@ def _distill(
     final = float("nan")
     try:
         with preserved_state(model), torch.enable_grad():
-            bar = progress_bar(range(steps), desc="distil inputs", enabled=progress)
+            bar = progress_bar(range(steps), desc="making data-free inputs from BatchNorm statistics", enabled=progress)
             for _ in bar:
                 losses.clear()
                 optimizer.zero_grad(set_to_none=True)

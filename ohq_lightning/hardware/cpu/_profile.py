@@ -48,7 +48,9 @@ class Profiler:
 
     def measure(self, todo: Sequence[str], picked: Collection[str]) -> None:
         """Time every plan of ``todo`` (those in ``picked`` three times), saving every ten so a profile can resume."""
-        for done, bits in enumerate(progress_bar(todo, desc="OQA: timing deployed graphs", enabled=self.progress)):
+        for done, bits in enumerate(
+            progress_bar(todo, desc="timing the deployed network on this CPU (OQA)", enabled=self.progress)
+        ):
             self.cache.put(bits, self.median_of_three(bits) if bits in picked else self.time(bits))
             if done % 10 == 9:
                 self._save()  # an interrupted profile resumes from here
@@ -56,7 +58,7 @@ class Profiler:
 
     def retime(self, plans: Sequence[str]) -> None:
         """Time each plan twice more and keep the median of its three timings."""
-        for bits in progress_bar(plans, desc="OQA: timing outliers again", enabled=self.progress):
+        for bits in progress_bar(plans, desc="re-timing the least certain graphs (OQA)", enabled=self.progress):
             self.cache.put(bits, self.median_of_three(bits, self.cache.get(bits)))
         if plans:
             self._save()

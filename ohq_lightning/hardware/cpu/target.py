@@ -19,7 +19,7 @@ from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
 from ohq_lightning.hardware.cpu._profile import Profiler
 from ohq_lightning.hardware.cpu._runtimes import RUNTIMES, Deployment, build_deployment, kernel_of
 from ohq_lightning.hardware.cpu.fit import AdditiveFit, fit_additive, outliers
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
 
 __all__ = ["CPU_OPTIONS", "CPUTarget"]
 
@@ -198,12 +198,11 @@ class CPUTarget:
             }
             for index, layer in enumerate(layers)
         }
-        int8 = Option.parse("w8a8")
         return CostTable(
             target=self.name,
             options=[option.name for option in parsed],
             costs=costs,
-            int8_weight_bytes={layer.name: layer.weight_bytes(int8) for layer in layers},
+            int8_weight_bytes=int8_weight_bytes(layers),
             transition_ms={layers[i].name: float(fit.transitions[i]) for i in range(len(layers) - 1)},
             base_latency_ms=float(fit.base),
             meta=meta,

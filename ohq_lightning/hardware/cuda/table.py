@@ -15,7 +15,7 @@ from typing import Any
 
 from ohq_lightning.hardware.cuda.options import DeviceInfo, check_options, kernel_of, tf32_flags
 from ohq_lightning.hardware.cuda.profiling import LayerResult
-from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes
 
 __all__ = ["Selection", "assemble_costs", "cost_table", "transitions_ms"]
 
@@ -166,7 +166,6 @@ def cost_table(
     integer = selection.integer
     costs, unsupported = assemble_costs(layers, selection.names, selection.kernel_of_option, results, integer)
     base_ms, base_meta = base
-    int8 = Option.parse("w8a8")
     meta = {
         "source": "measured",
         "device": info.to_dict(),
@@ -187,7 +186,7 @@ def cost_table(
         target=target,
         options=list(selection.names),
         costs=costs,
-        int8_weight_bytes={layer.name: layer.weight_bytes(int8) for layer in layers},
+        int8_weight_bytes=int8_weight_bytes(layers),
         transition_ms=transitions_ms(layers, results, integer),
         base_latency_ms=base_ms,
         meta=meta,

@@ -231,7 +231,7 @@ class CUDATarget:
         self, layers: Sequence[LayerInfo], kernels: Sequence[str], context: ProfileContext
     ) -> dict[str, LayerResult]:
         results: dict[str, LayerResult] = {}
-        for layer in progress_bar(layers, desc="OQA: timing layers on the GPU", enabled=self.progress):
+        for layer in progress_bar(layers, desc="timing each layer on the GPU (OQA)", enabled=self.progress):
             results[layer.name] = profile_layer(layer, kernels, context)
             context.cache.save()  # an interrupted profile resumes from here
             if context.energy_cache is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ohq_lightning.hardware.table._reader import read_table
 from ohq_lightning.hardware.table.schema import model_key
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
 
 __all__ = ["TableTarget"]
 
@@ -94,12 +94,11 @@ class TableTarget:
         }
         key = model_key(layers)
         base = self._contents.base.get(key, self._contents.base.get("*"))
-        int8 = Option.parse("w8a8")
         return CostTable(
             target=self.name,
             options=list(names),
             costs=costs,
-            int8_weight_bytes={layer.name: layer.weight_bytes(int8) for layer in layers},
+            int8_weight_bytes=int8_weight_bytes(layers),
             meta=self._meta(layers, transitions, key, base),
             transition_ms=transitions,
             base_latency_ms=base,
