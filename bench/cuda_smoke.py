@@ -27,7 +27,7 @@ import time
 import timm
 import torch
 
-from ohq_lightning._util.timing import TimingSettings
+from ohq_lightning.hardware import TimingSettings
 from ohq_lightning.hardware.cuda import CUDATarget, DeviceInfo, Kernel, synchronized_timer
 from ohq_lightning.layers import trace_layers
 

@@ -79,11 +79,11 @@ def train(name: str, weights: Path) -> dict[str, Any]:
 def measure(name: str, weights: str, image_size: int, threads: int, runtimes: list[str], accuracy: bool) -> dict:
     """One process, one thread count: profile, search, deploy and time each runtime (and score accuracy)."""
     from ohq_lightning import CPUTarget, search
-    from ohq_lightning._util.timing import set_threads
     from ohq_lightning.cli.data import build_data
     from ohq_lightning.cli.evaluate import deployed_accuracy
     from ohq_lightning.cli.model import build_model
     from ohq_lightning.deploy import deploy_plan, measure_latency
+    from ohq_lightning.hardware import set_threads
     from ohq_lightning.layers import trace_layers
 
     set_threads(threads)

@@ -21,8 +21,8 @@ import timm
 import torch
 
 import ohq_lightning as ohq
-from ohq_lightning._util.timing import set_threads
 from ohq_lightning.deploy import convert, measure_latency, uniform
+from ohq_lightning.hardware import set_threads
 
 OPTIONS = ["fp32", "w8a8"]
 

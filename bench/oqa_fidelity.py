@@ -28,7 +28,6 @@ import numpy as np
 import timm
 import torch
 
-from ohq_lightning._util.timing import TimingSettings, set_threads
 from ohq_lightning.deploy import (
     DeployedModel,
     QDQBuilder,
@@ -39,7 +38,7 @@ from ohq_lightning.deploy import (
     measure_latency,
     ort_session,
 )
-from ohq_lightning.hardware import CPUTarget
+from ohq_lightning.hardware import CPUTarget, TimingSettings, set_threads
 from ohq_lightning.layers import trace_layers
 from ohq_lightning.plan import CostTable, SensitivityTable
 from ohq_lightning.solver import solve

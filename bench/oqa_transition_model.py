@@ -27,8 +27,7 @@ import torch
 from scipy.optimize import lsq_linear
 from torch import fx
 
-from ohq_lightning._util.timing import set_threads
-from ohq_lightning.hardware import CPUTarget
+from ohq_lightning.hardware import CPUTarget, set_threads
 from ohq_lightning.layers import trace_layers
 
 

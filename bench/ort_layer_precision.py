@@ -19,7 +19,7 @@ import json
 import timm
 import torch
 
-from ohq_lightning._util.timing import TimingSettings, set_threads, time_callable
+from ohq_lightning._util.timing import time_callable
 from ohq_lightning.deploy import (
     DeployedModel,
     QDQBuilder,
@@ -30,6 +30,7 @@ from ohq_lightning.deploy import (
     ort_runner,
     ort_session,
 )
+from ohq_lightning.hardware import TimingSettings, set_threads
 from ohq_lightning.layers import trace_layers
 
 

@@ -26,8 +26,8 @@ import timm
 import torch
 
 import ohq_lightning as ohq
-from ohq_lightning._util.timing import set_threads
 from ohq_lightning.deploy import convert, measure_latency
+from ohq_lightning.hardware import set_threads
 from ohq_lightning.solver import solve
 
 OPTIONS = ["fp32", "w8a8"]

@@ -13,6 +13,8 @@ With Lightning, ``Trainer(callbacks=[ohq.OHQCallback(compression_ratio=0.6)])`` 
 search, swap and fine-tune with quantization in the loop.
 """
 
+from typing import Any
+
 from ohq_lightning.config import Budgets, SearchConfig
 from ohq_lightning.hardware import AnalyticalTarget, CPUTarget, HardwareTarget, PlanMeasuringTarget, create_target
 from ohq_lightning.layers import LayerTrace, trace_layers
@@ -64,7 +66,7 @@ __all__ = [
 _LIGHTNING_EXPORTS = ("OHQCallback", "QATDivergedError", "plan_from_checkpoint")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """The Lightning callback's names, imported on first use.
 
     ``ohq_lightning.lightning`` imports Lightning, a heavy import (seconds) that ``search`` and the

@@ -25,7 +25,9 @@ from typing import Any
 from ohq_lightning.plan import Option, SensitivityTable, parse_options
 
 __all__ = [
+    "DEFAULT_ACCURACY_BOUND",
     "MINIMIZE",
+    "MQE_METHODS",
     "RESOURCE_BUDGETS",
     "SENSITIVITY_METHODS",
     "SYNTHETIC_KINDS",
@@ -34,6 +36,8 @@ __all__ = [
     "check_cost_weight",
     "check_minimize",
     "real_number",
+    "resolve_objective",
+    "settings_from",
 ]
 
 RESOURCE_BUDGETS: Mapping[str, str] = MappingProxyType(
@@ -49,14 +53,20 @@ RESOURCE_BUDGETS: Mapping[str, str] = MappingProxyType(
 MINIMIZE: tuple[str, ...] = ("auto", "sensitivity", "latency")
 """What a search may minimise; ``auto`` picks by the budgets given (see :meth:`SearchConfig.objective`)."""
 
-SENSITIVITY_METHODS: tuple[str, ...] = ("quantize", "random_mask", "weight_error", "random")
-"""Sensitivities a search computes by name: MQE's two readings, then two data-free baselines."""
+MQE_METHODS: tuple[str, ...] = ("quantize", "random_mask")
+"""MQE's two readings of "perturb one layer": they score layers on synthetic inputs."""
+
+SENSITIVITY_METHODS: tuple[str, ...] = (*MQE_METHODS, "weight_error", "random")
+"""Sensitivities a search computes by name: MQE's two readings, then two data-free baselines.
+
+The sensitivity registry (:data:`ohq_lightning.sensitivity.SENSITIVITY_REGISTRY`) implements exactly these."""
 
 SYNTHETIC_KINDS: tuple[str, ...] = ("distilled", "gaussian")
 """Data-free inputs MQE scores layers on: BatchNorm-statistics matching, or standard normal noise."""
 
 _MAX_COMPRESSION_RATIO = 4.0  # every layer in fp32: 32 bits a weight over 8; any larger ratio binds nothing
-_DEFAULT_ACCURACY_BOUND = "w8a8"  # minimising latency with no budget: no more total sensitivity than uniform INT8
+DEFAULT_ACCURACY_BOUND = "w8a8"
+"""Minimising latency with no sensitivity budget: no more total sensitivity than this uniform option."""
 
 
 def real_number(value: Any) -> float | None:
@@ -237,32 +247,15 @@ class SearchConfig:
     @property
     def uses_mqe(self) -> bool:
         """Whether the sensitivity is MQE's (scored on synthetic inputs)."""
-        return self.sensitivity in ("quantize", "random_mask")
+        return self.sensitivity in MQE_METHODS
 
     def replace(self, **changes: Any) -> SearchConfig:
         """A copy with some settings changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
     def objective(self, budgets: Budgets) -> tuple[str, Budgets]:
-        """What to minimise under which budgets, with ``auto`` and the default accuracy bound resolved.
-
-        ``auto`` minimises sensitivity when a resource budget is given and latency otherwise.
-        Minimising latency with no sensitivity budget bounds the sensitivity by uniform INT8's
-        (``"w8a8"``): the fastest plan estimated to be as accurate as INT8, not the fastest at any cost.
-        Minimising sensitivity needs a resource budget: without one every layer would stay at its
-        least sensitive option, so that is refused.
-        """
-        minimize = self.minimize
-        if minimize == "auto":
-            minimize = "sensitivity" if budgets.resources() else "latency"
-        if minimize == "latency" and budgets.sensitivity_budget is None:
-            budgets = budgets.replace(sensitivity_budget=_DEFAULT_ACCURACY_BOUND)
-        if minimize == "sensitivity" and not budgets.resources():
-            raise ValueError(
-                "minimize='sensitivity' needs a resource budget (compression_ratio, latency_budget, energy_budget "
-                "or bops_budget): without one every layer stays at its least sensitive option"
-            )
-        return minimize, budgets
+        """What to minimise under which budgets: :func:`resolve_objective` of this config's ``minimize``."""
+        return resolve_objective(self.minimize, budgets)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form; a sensitivity table or provider is named by its kind."""
@@ -276,6 +269,74 @@ class SearchConfig:
         data["options"] = None if self.options is None else list(self.options)
         data["tie_groups"] = [list(group) for group in self.tie_groups]
         return data
+
+
+def resolve_objective(minimize: str, budgets: Budgets) -> tuple[str, Budgets]:
+    """What to minimise under which budgets, with ``auto`` and the default accuracy bound resolved.
+
+    ``auto`` minimises sensitivity when a resource budget is given and latency otherwise.
+    Minimising latency with no sensitivity budget bounds the sensitivity by uniform INT8's
+    (``"w8a8"``): the fastest plan estimated to be as accurate as INT8, not the fastest at any cost.
+    Minimising sensitivity needs a resource budget: without one every layer would stay at its
+    least sensitive option, so that is refused.
+
+    Example:
+        >>> resolve_objective("auto", Budgets())
+        ('latency', Budgets(compression_ratio=None, latency_budget=None, energy_budget=None, bops_budget=None, \
+sensitivity_budget='w8a8'))
+    """
+    minimize = check_minimize(minimize)
+    if minimize == "auto":
+        minimize = "sensitivity" if budgets.resources() else "latency"
+    if minimize == "latency" and budgets.sensitivity_budget is None:
+        budgets = budgets.replace(sensitivity_budget=DEFAULT_ACCURACY_BOUND)
+    if minimize == "sensitivity" and not budgets.resources():
+        raise ValueError(
+            "minimize='sensitivity' needs a resource budget (compression_ratio, latency_budget, energy_budget "
+            "or bops_budget): without one every layer stays at its least sensitive option"
+        )
+    return minimize, budgets
+
+
+def settings_from(
+    budgets: Budgets | None,
+    config: SearchConfig | None,
+    keywords: Mapping[str, Any],
+    *,
+    caller: str,
+    config_keyword: str = "config",
+) -> tuple[Budgets, SearchConfig]:
+    """The budgets and search settings of an entry point, from the objects or from loose keywords.
+
+    ``keywords`` may hold any :class:`Budgets` and :class:`SearchConfig` field; they build the object
+    that was not given. An object of the wrong type, or an object and keywords for it too, is a
+    ``ValueError``; an unknown keyword a ``TypeError`` naming ``caller``, as Python's own would.
+    ``config_keyword`` is what the caller calls its ``SearchConfig`` argument (``config`` for
+    ``search``, ``search`` for the callback).
+
+    Example:
+        >>> settings_from(None, None, {"compression_ratio": 0.5, "seed": 3}, caller="search")[1].seed
+        3
+    """
+    budget_names = {f.name for f in dataclasses.fields(Budgets)}
+    config_names = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(keywords) - budget_names - config_names)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    loose_budgets = {name: value for name, value in keywords.items() if name in budget_names}
+    loose_config = {name: value for name, value in keywords.items() if name in config_names}
+    for given, kind, loose, name in (
+        (budgets, Budgets, loose_budgets, "budgets"),
+        (config, SearchConfig, loose_config, config_keyword),
+    ):
+        if given is not None and not isinstance(given, kind):
+            raise ValueError(f"{name} must be a {kind.__name__} or None, got {type(given).__name__}")
+        if given is not None and loose:
+            raise ValueError(f"give {name}={kind.__name__}(...) or its fields as keywords, not both: {sorted(loose)}")
+    return (
+        Budgets(**loose_budgets) if budgets is None else budgets,
+        SearchConfig(**loose_config) if config is None else config,
+    )
 
 
 def _check_sensitivity_source(sensitivity: Any) -> None:

@@ -6,69 +6,40 @@ module only orders them, times them and records what they did in the plan's ``me
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning._util.timing import stage_seconds
+from ohq_lightning.config import DEFAULT_ACCURACY_BOUND, Budgets, SearchConfig, settings_from
 from ohq_lightning.hardware import HardwareTarget, PlanMeasuringTarget, create_target
 from ohq_lightning.layers import LayerTrace, trace_layers
 from ohq_lightning.plan import CostTable, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import compute_sensitivity
 from ohq_lightning.sensitivity.synthetic import example_tensor
-from ohq_lightning.solver import best_of, resolve_sensitivity_budget, solve, uniform_as_run
+from ohq_lightning.solver import best_of, solve, uniform_as_run
 
-__all__ = ["search", "split_settings"]
-
-_BUDGET_NAMES = frozenset(f.name for f in dataclasses.fields(Budgets))
-_CONFIG_NAMES = frozenset(f.name for f in dataclasses.fields(SearchConfig))
+__all__ = ["search"]
 
 
-def split_settings(
-    budgets: Budgets | None,
-    config: SearchConfig | None,
-    keywords: Mapping[str, Any],
-    *,
-    caller: str,
-    config_keyword: str = "config",
-) -> tuple[Budgets, SearchConfig]:
-    """The budgets and search settings of an entry point, from the objects or from loose keywords.
-
-    ``keywords`` may hold any :class:`~ohq_lightning.config.Budgets` and
-    :class:`~ohq_lightning.config.SearchConfig` field; they build the object that was not given.
-    Giving an object and keywords for it too is a ``ValueError``; an unknown keyword a ``TypeError``
-    naming ``caller``, as Python's own would. ``config_keyword`` is what the caller calls its
-    ``SearchConfig`` argument (``config`` for :func:`search`, ``search`` for the callback).
-    """
-    unknown = sorted(set(keywords) - _BUDGET_NAMES - _CONFIG_NAMES)
-    if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
-    loose_budgets = {name: value for name, value in keywords.items() if name in _BUDGET_NAMES}
-    loose_config = {name: value for name, value in keywords.items() if name in _CONFIG_NAMES}
-    for given, kind, loose, name in (
-        (budgets, Budgets, loose_budgets, "budgets"),
-        (config, SearchConfig, loose_config, config_keyword),
-    ):
-        if given is not None and not isinstance(given, kind):
-            raise ValueError(f"{name} must be a {kind.__name__} or None, got {type(given).__name__}")
-        if given is not None and loose:
-            raise ValueError(f"give {name}={kind.__name__}(...) or its fields as keywords, not both: {sorted(loose)}")
-    return (
-        Budgets(**loose_budgets) if budgets is None else budgets,
-        SearchConfig(**loose_config) if config is None else config,
+def _check_bound_option(budgets: Budgets, given: Budgets, options: Sequence[str]) -> None:
+    """Fail before any work when the sensitivity bound names an option that is not a candidate."""
+    bound = budgets.sensitivity_budget
+    if not isinstance(bound, str) or bound in options:
+        return
+    if given.sensitivity_budget is None:  # the default bound of minimising latency
+        raise ValueError(
+            f"minimising latency with no sensitivity_budget bounds the plan by uniform {DEFAULT_ACCURACY_BOUND}'s "
+            f"total sensitivity, but {DEFAULT_ACCURACY_BOUND} is not a candidate option here ({list(options)}): "
+            "give a sensitivity_budget or a resource budget, or add it to the options"
+        )
+    raise ValueError(
+        f"sensitivity_budget={bound!r} bounds the plan by uniform {bound}'s total sensitivity, but {bound} is "
+        f"not a candidate option here ({list(options)})"
     )
-
-
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    yield
-    timings[stage] = time.perf_counter() - started
 
 
 def _check_mqe_inputs(example_inputs: Any) -> None:
@@ -227,28 +198,27 @@ def search(
         >>> plan.predicted["size_ratio"] <= 0.6  # doctest: +SKIP
         True
     """
-    budgets, config = split_settings(budgets, config, settings, caller="search")
-    minimize, budgets = config.objective(budgets)
+    given, config = settings_from(budgets, config, settings, caller="search")
+    minimize, budgets = config.objective(given)
     if config.uses_mqe:
         _check_mqe_inputs(example_inputs)
     hardware = create_target(target)
     options = [o.name for o in parse_options(hardware.options if config.options is None else config.options)]
+    _check_bound_option(budgets, given, options)
     timings: dict[str, float] = {}
-    with _timed(timings, "layers"):
+    with stage_seconds(timings, "layers"):
         trace = trace_layers(model, example_inputs)
-    with _timed(timings, "costs"):
+    with stage_seconds(timings, "costs"):
         costs = hardware.costs(trace.layers, options, model=model, example_inputs=example_inputs)
     scores = compute_sensitivity(
         config, model, example_inputs, trace.layers, options, cache_dir=cache_dir, progress=progress, timings=timings
     )
-    problem = _Problem(
-        scores, costs, options, minimize, resolve_sensitivity_budget(budgets, scores, options, costs), config
-    )
-    with _timed(timings, "solve"):
+    problem = _Problem(scores, costs, options, minimize, budgets, config)
+    with stage_seconds(timings, "solve"):
         plan = problem.solve()
     refined = _Refinement(plan, costs, [], settled=True)
-    if isinstance(hardware, PlanMeasuringTarget):
-        with _timed(timings, "refine"):
+    if isinstance(hardware, PlanMeasuringTarget) and config.refine_rounds > 0:
+        with stage_seconds(timings, "refine"):
             refined = _refine(hardware, problem, plan, trace, model, example_inputs)
     plan, costs, measured = refined.plan, refined.costs, refined.measured
     plan = _describe_rows(plan, trace, scores)
@@ -265,6 +235,4 @@ def search(
         plans_measured_in_refinement=len(measured),
         uniform=_uniform_predictions(costs, scores, options),
     )
-    if isinstance(budgets.sensitivity_budget, str):
-        plan.meta["sensitivity_budget_from"] = f"uniform {budgets.sensitivity_budget}"
     return plan

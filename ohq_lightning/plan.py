@@ -2,9 +2,7 @@
 
 Every stage reads and writes these dataclasses and nothing else, and every one of them
 round-trips through JSON (``to_json`` / ``from_json``), so a table measured on one machine can
-be read on another and a plan can be stored beside a checkpoint.
-
-Definitions used everywhere in the project:
+be read on another and a plan can be stored beside a checkpoint. Definitions used everywhere:
 
 * **option** -- one candidate precision for a layer: ``w{b}a{b}`` (weights and layer input
   fake-quantized, e.g. ``w4a8``), ``w{b}`` (weights only, input stays float), or a float
@@ -20,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ __all__ = [
     "PlanRow",
     "QuantPlan",
     "SensitivityTable",
-    "int8_weight_bytes",
     "parse_options",
 ]
 
@@ -204,12 +202,6 @@ class LayerCost(JsonMixin):
         return self.source != UNSUPPORTED
 
 
-def int8_weight_bytes(layers: Sequence[LayerInfo]) -> dict[str, float]:
-    """Each layer's weight bytes at uniform 8 bits: the denominator of every compression ratio."""
-    int8 = Option.parse("w8a8")
-    return {layer.name: layer.weight_bytes(int8) for layer in layers}
-
-
 @dataclass
 class CostTable(JsonMixin):
     """OQA output: layer -> option -> :class:`LayerCost`, plus each layer's 8-bit weight bytes.
@@ -236,6 +228,7 @@ class CostTable(JsonMixin):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CostTable:
+        """Inverse of ``to_dict``: the nested cost entries become :class:`LayerCost` again."""
         data = dict(data)
         data["costs"] = {
             layer: {opt: LayerCost.from_dict(c) for opt, c in row.items()} for layer, row in data["costs"].items()
@@ -304,15 +297,16 @@ _ROW_ALWAYS = ("name", "option", "sensitivity", "weight_bytes", "bops", "latency
 
 
 @dataclass(frozen=True)
-class PlanRow(JsonMixin):
+class PlanRow(JsonMixin, Mapping):
     """One layer of a :class:`QuantPlan`, for reports: the option picked, its score and its costs.
 
     The solver fills ``name`` to ``source`` (``None`` where the target gives no such metric) and
     ``transition_after_ms`` when the cost table prices transitions; a search adds ``type``, ``kind``,
     shapes, ``macs`` and ``scores`` (option -> sensitivity). Fields left ``None`` past ``source`` are
     left out of :meth:`to_dict`: the JSON form is the dict rows plans always had, and reads back.
-    For code written against those dicts, ``row["name"]``, ``row.get("macs")`` and ``"macs" in row``
-    read a row (read-only; a key is in a row when :meth:`to_dict` writes it); new code reads attributes.
+    A row is also a read-only mapping of the keys :meth:`to_dict` writes (``row["name"]``,
+    ``row.get("macs")``, ``"macs" in row``, ``dict(row)``), for code written against those dicts;
+    new code reads attributes.
     """
 
     name: str
@@ -348,6 +342,20 @@ class PlanRow(JsonMixin):
         """``row[key]`` when the row has ``key``, else ``default`` (as ``dict.get``)."""
         return getattr(self, key) if key in self else default
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanRow:
+        """A row from its dict form; an unknown key is a ``ValueError`` naming it."""
+        unknown = sorted(set(data) - set(_ROW_KEYS))
+        if unknown:
+            raise ValueError(f"plan row {data.get('name')!r} has unknown keys {unknown}")
+        return cls(**data)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
 
 _ROW_KEYS = tuple(f.name for f in dataclasses.fields(PlanRow))
 
@@ -358,9 +366,8 @@ class QuantPlan(JsonMixin):
 
     ``assignment`` maps layer name to option name (``"w4a8"``, ``"fp32"``...). ``predicted``
     holds at least ``size_ratio`` (see the module docstring), ``weight_bytes``, ``bops`` and
-    ``sensitivity``, plus ``latency_ms`` / ``energy_mj`` when the target gives them.
-    ``layers`` holds one :class:`PlanRow` per layer for reports (option, costs, score; type and
-    shapes after a search); dict rows given here are read into :class:`PlanRow`.
+    ``sensitivity``, plus ``latency_ms`` / ``energy_mj`` when the target gives them. ``layers``: one
+    :class:`PlanRow` per layer for reports (dict rows given here are read into rows).
     """
 
     assignment: dict[str, str]
@@ -382,11 +389,8 @@ class QuantPlan(JsonMixin):
         return data
 
     def option_counts(self) -> dict[str, int]:
-        """How many layers take each option."""
-        counts: dict[str, int] = {}
-        for option in self.assignment.values():
-            counts[option] = counts.get(option, 0) + 1
-        return counts
+        """How many layers take each option (in the order options first appear)."""
+        return dict(Counter(self.assignment.values()))
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON to ``path`` and return the path."""

@@ -213,3 +213,27 @@ def test_an_unsettled_refinement_under_a_latency_budget_keeps_only_timed_plans_t
     assert plan.meta["refinement_settled"] is False and plan.meta["plans_measured_in_refinement"] == 1
     assert plan.meta["plan_measured"] is False  # no timed plan meets the budget any more: the last pick stands
     assert plan.predicted["latency_ms"] <= budget
+
+
+def test_the_default_accuracy_bound_is_checked_against_the_options_before_any_work(tiny_net, tiny_input, monkeypatch):
+    import ohq_lightning.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "trace_layers", lambda *args: pytest.fail("traced before the settings were checked"))
+    with pytest.raises(ValueError, match=r"no sensitivity_budget bounds the plan by uniform w8a8.*not a candidate"):
+        ohq.search(tiny_net, tiny_input, options=["fp32", "w4a8"], **FAST)  # minimize=auto, no budget
+    with pytest.raises(ValueError, match=r"sensitivity_budget='w2a8' bounds .* not a candidate"):
+        ohq.search(tiny_net, tiny_input, sensitivity_budget="w2a8", options=["fp32", "w4a8"], **FAST)
+
+
+def test_no_refinement_rounds_means_no_refinement(tiny_net, tiny_input):
+    calls = []
+
+    class Timing(_Retimed):
+        def costs_with_plans(self, layers, options=None, *, model, example_inputs, plans):
+            calls.append(list(plans))
+            return super().costs_with_plans(layers, options, model=model, example_inputs=example_inputs, plans=plans)
+
+    target = Timing(lambda option, timed: 1.0 if option == "w8a8" else 2.0)
+    plan = ohq.search(tiny_net, tiny_input, target=target, sensitivity_budget=1e9, refine_rounds=0, **FAST)
+    assert calls == [[]]  # only the profile itself, no plan timed
+    assert plan.meta["refinement_settled"] is True and "refine" not in plan.meta["timings_s"]

@@ -119,6 +119,13 @@ def test_ohq_config_builds_the_config_objects_and_they_check_its_values() -> Non
         search_settings(compose_job("ohq.minimize=sensitivity").ohq)
 
 
+def test_the_hydra_defaults_are_the_config_objects_defaults() -> None:
+    ohq = compose_job().ohq
+    assert ohq.budgets() == Budgets() and ohq.search_config() == SearchConfig()
+    tuned = compose_job("ohq.tie_groups=[[a,b]]", "ohq.cost_weight=0.5", "ohq.refine_rounds=2").ohq.search_config()
+    assert (tuned.tie_groups, tuned.cost_weight, tuned.refine_rounds) == ((("a", "b"),), 0.5, 2)
+
+
 def test_bad_ohq_values_fail_in_one_line_before_any_training(tmp_path: Path) -> None:
     result = run_cli("ohq.num_samples=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 1

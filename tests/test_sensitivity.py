@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import same_state, state_snapshot
+from torch import nn
 
 from ohq_lightning import config
 from ohq_lightning.config import SearchConfig
@@ -22,6 +23,7 @@ from ohq_lightning.sensitivity import (
     weight_error_sensitivity,
 )
 from ohq_lightning.sensitivity.mqe import _logits, _quantize_score
+from ohq_lightning.sensitivity.synthetic import synthetic_inputs
 
 OPTIONS = ["w8a8", "w4a8", "w2a8", "fp32"]
 
@@ -152,6 +154,17 @@ def test_the_registry_names_what_the_search_settings_accept():
     assert METHODS == config.SENSITIVITY_METHODS
     assert MQE_METHODS == PERTURBATIONS == ("quantize", "random_mask")
     assert SYNTHETIC_KINDS == config.SYNTHETIC_KINDS
+    for kind in config.SYNTHETIC_KINDS:  # every kind a SearchConfig accepts is one the synthetic stage makes
+        made = synthetic_inputs(
+            nn.Sequential(nn.Conv2d(1, 2, 1)),
+            torch.zeros(1, 1, 4, 4),
+            kind=kind,
+            num_samples=2,
+            steps=1,
+            cache_dir=False,
+            progress=False,
+        )
+        assert made.shape == (2, 1, 4, 4)
     for name, entry in SENSITIVITY_REGISTRY.items():
         assert entry.name == name and entry.needs_inputs == SearchConfig(sensitivity=name).uses_mqe
 

@@ -805,7 +805,7 @@ def test_budgets_object_gives_the_plan_of_the_same_keywords() -> None:
     assert BUDGETS == RESOURCE_BUDGETS
     with pytest.raises(ValueError, match="not both"):
         solve(sens, costs, budgets=Budgets(compression_ratio=0.6), latency_budget=50.0)
-    with pytest.raises(TypeError, match="Budgets"):
+    with pytest.raises(ValueError, match="budgets must be a Budgets"):
         solve(sens, costs, budgets={"compression_ratio": 0.6})  # type: ignore[arg-type]
     candidates = [dict.fromkeys(costs.layers, option) for option in costs.options]
     assert best_of(candidates, sens, costs, budgets=Budgets(compression_ratio=0.6)) == best_of(
@@ -898,3 +898,15 @@ def test_plan_rows_are_typed_and_read_like_the_old_dicts() -> None:
     assert "transition_after_ms" not in row and row.get("macs", 7) == 7
     with pytest.raises(KeyError):
         row["type"]
+
+
+def test_an_option_named_bound_on_broken_tables_names_the_layer_not_the_bound() -> None:
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 54)
+    sens.scores["block2.conv"]["w8a8"] = math.nan
+    with pytest.raises(ValueError, match=r"no finite score for block2\.conv at w8a8"):
+        solve(sens, costs, minimize="latency", sensitivity_budget="w8a8")
+    sens, costs = make_tables(3, ["w4a8", "w8a8"], 55)
+    for option in costs.options:  # a layer the target cannot run at all: the table check speaks first
+        mark_unsupported(costs, "block1.conv", option)
+    with pytest.raises(ValueError, match="block1.conv"):
+        solve(sens, costs, minimize="latency", sensitivity_budget="w8a8")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,25 @@ import torch
 
 from ohq_lightning._util.jsonable import JsonMixin
 
-__all__ = ["RaplEnergyMeter", "Timing", "TimingSettings", "set_threads", "time_callable", "time_interleaved"]
+__all__ = [
+    "RaplEnergyMeter",
+    "Timing",
+    "TimingSettings",
+    "set_threads",
+    "stage_seconds",
+    "time_callable",
+    "time_interleaved",
+]
 
 _PACKAGE_ZONE = re.compile(r"intel-rapl:\d+")
+
+
+@contextlib.contextmanager
+def stage_seconds(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the wall-clock seconds of the block under ``seconds[stage]`` (a job's or a search's stages)."""
+    started = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - started
 
 
 @dataclass(frozen=True)

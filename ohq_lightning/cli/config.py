@@ -86,6 +86,9 @@ class OHQConfig:
     synthetic: str = "distilled"
     num_samples: int = 8
     distill_steps: int = 20
+    tie_groups: list[list[str]] = field(default_factory=list)
+    cost_weight: float = 0.0
+    refine_rounds: int = 6
     calibration: str | None = "train"
     calibration_batches: int = 4
     plan: str | None = None
@@ -123,6 +126,9 @@ class OHQConfig:
             num_samples=self.num_samples,
             distill_steps=self.distill_steps,
             minimize=self.minimize,
+            tie_groups=tuple(tuple(group) for group in self.tie_groups),
+            cost_weight=self.cost_weight,
+            refine_rounds=self.refine_rounds,
             seed=self.seed,
         )
 

@@ -8,12 +8,9 @@ value fails with its one-line message before any training. What is written is
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import time
 import warnings
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ohq_lightning._util.timing import TimingSettings, set_threads
+from ohq_lightning._util.timing import TimingSettings, set_threads, stage_seconds
 from ohq_lightning.cli.config import JobConfig, OHQConfig
 from ohq_lightning.cli.data import ImageData, build_data
 from ohq_lightning.cli.evaluate import evaluate_plan
@@ -82,14 +79,14 @@ def run_job(cfg: JobConfig | DictConfig, output_dir: str | Path) -> dict[str, An
     root.mkdir(parents=True, exist_ok=True)
     _prepare_process(cfg)
     seconds: dict[str, float] = {}
-    with _timed(seconds, "float_training"):
+    with stage_seconds(seconds, "float_training"):
         pl.seed_everything(cfg.seed, verbose=False)
         data = _build_data(cfg)
         float_module = _float_model(cfg, data, root)
-    with _timed(seconds, "search_and_qat"):
+    with stage_seconds(seconds, "search_and_qat"):
         qat_module, plan = _search_and_finetune(cfg, data, float_module, root, budgets=budgets, search=search)
     runtime, threads = _runtime(cfg), _threads(cfg)
-    with _timed(seconds, "evaluation"):
+    with stage_seconds(seconds, "evaluation"):
         results = _evaluate(cfg, data, float_module, qat_module, plan, runtime=runtime, threads=threads)
     report = build_report(
         cfg,
@@ -111,14 +108,6 @@ def _job_config(cfg: JobConfig | DictConfig) -> JobConfig:
         cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     assert isinstance(cfg, JobConfig)
     return cfg
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    """Record the wall-clock seconds of the block under ``stage``."""
-    started = time.perf_counter()
-    yield
-    seconds[stage] = time.perf_counter() - started
 
 
 def _prepare_process(cfg: JobConfig) -> None:

@@ -1,4 +1,8 @@
-"""Hardware targets: the seam between a search and the device it plans for."""
+"""Hardware targets: the seam between a search and the device it plans for.
+
+The timing harness the measured targets use (``TimingSettings``, ``Timing``, ``set_threads``,
+``time_interleaved``) is re-exported here: it is how a user sets how long a target times each graph.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from ohq_lightning._util.timing import Timing, TimingSettings, set_threads, time_interleaved
 from ohq_lightning.hardware.analytical import BIT_SERIAL_OPTIONS, DEFAULT_OPTIONS, AnalyticalTarget, BitSerialTarget
 from ohq_lightning.hardware.base import HardwareTarget, PlanMeasuringTarget
 from ohq_lightning.hardware.cpu import CPU_OPTIONS, CPUTarget
@@ -28,11 +33,15 @@ __all__ = [
     "NvmlEnergyMeter",
     "PlanMeasuringTarget",
     "TableTarget",
+    "Timing",
+    "TimingSettings",
     "analytical_preset",
     "create_target",
     "export_cost_table",
     "known_targets",
     "model_key",
+    "set_threads",
+    "time_interleaved",
 ]
 
 

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
+from ohq_lightning.hardware.base import int8_weight_bytes
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
 
 __all__ = ["BIT_SERIAL_OPTIONS", "DEFAULT_OPTIONS", "AnalyticalTarget", "BitSerialTarget"]
 

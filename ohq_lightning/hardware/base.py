@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ohq_lightning.plan import CostTable, LayerInfo
+from ohq_lightning.plan import CostTable, LayerInfo, Option
 
-__all__ = ["HardwareTarget", "PlanMeasuringTarget"]
+__all__ = ["HardwareTarget", "PlanMeasuringTarget", "int8_weight_bytes"]
 
 
 @runtime_checkable
@@ -36,6 +36,12 @@ class HardwareTarget(Protocol):
         measure the network in context (others ignore them).
         """
         ...
+
+
+def int8_weight_bytes(layers: Sequence[LayerInfo]) -> dict[str, float]:
+    """Each layer's weight bytes at uniform 8 bits: what every target's cost table divides sizes by."""
+    int8 = Option.parse("w8a8")
+    return {layer.name: layer.weight_bytes(int8) for layer in layers}
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ohq_lightning.config import Budgets, SearchConfig
+from ohq_lightning.config import Budgets, SearchConfig, settings_from
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.lightning import inputs
 from ohq_lightning.lightning._arguments import (
@@ -39,7 +39,7 @@ from ohq_lightning.lightning.checkpoint import (
 )
 from ohq_lightning.lightning.export import deploy_and_measure
 from ohq_lightning.lightning.qat import diverged_error, install_plan, swapped_assignment
-from ohq_lightning.pipeline import search, split_settings
+from ohq_lightning.pipeline import search
 from ohq_lightning.plan import QuantPlan
 from ohq_lightning.quant import calibrate, quantized_layers
 from ohq_lightning.report import format_plan_table
@@ -171,7 +171,7 @@ class OHQCallback(Callback):
         super().__init__()
         renamed, keywords = renamed_arguments({"target": target, "example_inputs": example_inputs}, keywords)
         self.target = create_target("analytical" if renamed["target"] is None else renamed["target"])
-        self.budgets, self.search_config = split_settings(
+        self.budgets, self.search_config = settings_from(
             budgets, search, keywords, caller="OHQCallback", config_keyword="search"
         )
         self._plan = read_plan(plan)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
+
 from ohq_lightning.report.plots import plot_pareto
 from ohq_lightning.report.tables import format_table
 
@@ -105,13 +107,7 @@ def summarize(directory: str | Path, *, plots: bool = True) -> dict[str, Any]:
     return summary
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-class SweepSummary(_HydraCallback):  # type: ignore[misc]
+class SweepSummary(HydraCallback):
     """Hydra callback: at the end of a multirun, summarise the sweep directory (see :func:`summarize`)."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:

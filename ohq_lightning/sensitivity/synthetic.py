@@ -23,6 +23,7 @@ from torch import nn
 
 from ohq_lightning._util.cache import cache_root
 from ohq_lightning._util.progress import progress_bar
+from ohq_lightning.config import SYNTHETIC_KINDS
 from ohq_lightning.layers import preserved_state
 
 __all__ = [
@@ -242,8 +243,7 @@ def _distilled_kind(
 
 _KINDS: dict[str, Callable[..., torch.Tensor]] = {"distilled": _distilled_kind, "gaussian": _gaussian_kind}
 
-#: The kinds of synthetic input :func:`synthetic_inputs` makes by name.
-SYNTHETIC_KINDS: tuple[str, ...] = tuple(_KINDS)
+# config.SYNTHETIC_KINDS names the kinds a SearchConfig accepts; this table makes them (a test keeps the two equal)
 
 
 def synthetic_inputs(
@@ -263,7 +263,7 @@ def synthetic_inputs(
     support models called with one input tensor.
     """
     if kind not in _KINDS:
-        raise ValueError(f"unknown synthetic input kind {kind!r}; use 'gaussian' or 'distilled'")
+        raise ValueError(f"unknown synthetic input kind {kind!r}; use one of {list(SYNTHETIC_KINDS)}")
     return _KINDS[kind](
         model, example_inputs, num_samples=num_samples, seed=seed, steps=steps, cache_dir=cache_dir, progress=progress
     )

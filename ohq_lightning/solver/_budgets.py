@@ -6,10 +6,11 @@ option name given as ``sensitivity_budget`` (``"w8a8"``) into a number, using th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ohq_lightning.config import RESOURCE_BUDGETS, Budgets
+from ohq_lightning.config import RESOURCE_BUDGETS, Budgets, settings_from
 from ohq_lightning.plan import CostTable, SensitivityTable
 
 __all__ = [
@@ -33,16 +34,11 @@ _UNIFORM_FLOOR = 1e-15  # ... plus this, so that the uniform plan itself stays f
 def budgets_of(budgets: Budgets | None, loose: Mapping[str, Any]) -> Budgets:
     """``budgets``, or the :class:`~ohq_lightning.config.Budgets` that the loose budget keywords build.
 
-    ``loose`` maps budget names to values (``None``: not given); giving both is a ``ValueError``.
+    ``loose`` maps budget names to values (``None``: not given); the rules are those of every entry
+    point (:func:`~ohq_lightning.config.settings_from`): giving both is a ``ValueError``.
     """
-    if budgets is None:
-        return Budgets(**loose)
-    if not isinstance(budgets, Budgets):
-        raise TypeError(f"budgets must be an ohq_lightning.config.Budgets, got {type(budgets).__name__}")
-    given = sorted(name for name, value in loose.items() if value is not None)
-    if given:
-        raise ValueError(f"give budgets either as budgets=Budgets(...) or as keywords, not both: {given}")
-    return budgets
+    given = {name: value for name, value in loose.items() if value is not None}
+    return settings_from(budgets, None, given, caller="solve")[0]
 
 
 def uniform_as_run(costs: CostTable, scores: SensitivityTable, option: str, options: Sequence[str]) -> dict[str, str]:
@@ -78,5 +74,12 @@ def resolve_sensitivity_budget(
             f"not a candidate option here ({list(options)})"
         )
     assignment = uniform_as_run(costs, scores, option, options)
-    total = sum(scores.scores[layer][chosen] for layer, chosen in assignment.items())
+    terms = {layer: scores.scores[layer][chosen] for layer, chosen in assignment.items()}
+    bad = [f"{layer} at {assignment[layer]}" for layer, value in terms.items() if not math.isfinite(float(value))]
+    if bad:
+        raise ValueError(
+            f"sensitivity_budget={option!r} is uniform {option}'s total sensitivity, but the sensitivity table has no "
+            f"finite score for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+        )
+    total = sum(terms.values())
     return budgets.replace(sensitivity_budget=total * (1 + _UNIFORM_MARGIN) + _UNIFORM_FLOOR)

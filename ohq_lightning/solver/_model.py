@@ -119,13 +119,13 @@ def build_model(
     """Validate the tables and gather the per-unit linear forms of the program."""
     layers = check_layers(sensitivity, costs)
     names = resolve_options(sensitivity, costs, options)
-    resolved = resolve_sensitivity_budget(budgets, sensitivity, names, costs)
-    given = {name: float(value) for name, value in resolved.given().items()}  # all numbers once resolved
-    needed = needed_metrics(costs, names, given, cost_weight, cost_metric, minimize)
     transitions, base = check_latency_terms(costs)
     units = tie_units(layers, tie_groups)
     supported = [[costs.is_supported(layer, option) for option in names] for layer in layers]
-    allowed = allowed_options(costs, layers, names, units, supported)
+    allowed = allowed_options(costs, layers, names, units, supported)  # every layer can run some option
+    resolved = resolve_sensitivity_budget(budgets, sensitivity, names, costs)
+    given = {name: float(value) for name, value in resolved.given().items()}  # all numbers once resolved
+    needed = needed_metrics(costs, names, given, cost_weight, cost_metric, minimize)
     int8_bytes = math.fsum(float(costs.int8_weight_bytes[layer]) for layer in layers)
     if not math.isfinite(int8_bytes) or int8_bytes <= 0:
         raise ValueError(f"the layers' int8_weight_bytes must add up to a positive number, got {int8_bytes!r}")

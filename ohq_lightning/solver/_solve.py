@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ohq_lightning.config import MINIMIZE, Budgets, SearchConfig, check_cost_weight, check_minimize, real_number
+from ohq_lightning.config import MINIMIZE, Budgets, check_cost_weight, check_minimize, real_number, resolve_objective
 from ohq_lightning.plan import CostTable, QuantPlan, SensitivityTable
 from ohq_lightning.solver._budgets import budgets_of
 from ohq_lightning.solver._choice import budget_overruns, check_choice_meets_budgets, choice_of, prefer_fewer_bytes
@@ -62,7 +62,7 @@ class _Problem:
             raise ValueError(f"unknown cost_metric {cost_metric!r}: use one of {list(COST_METRICS)}")
         minimize = check_minimize(minimize)
         if minimize == "auto":
-            minimize, budgets = SearchConfig(minimize="auto").objective(budgets)
+            minimize, budgets = resolve_objective(minimize, budgets)
         if minimize == "latency" and weight > 0:
             raise ValueError("cost_weight weighs a cost against sensitivity; with minimize='latency' leave it at 0")
         if minimize == "latency" and not budgets.given():

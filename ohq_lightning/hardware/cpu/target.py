@@ -15,11 +15,12 @@ import torch
 from ohq_lightning._util.cache import cache_root
 from ohq_lightning._util.timing import TimingSettings
 from ohq_lightning.deploy import ENGINES
+from ohq_lightning.hardware.base import int8_weight_bytes
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
 from ohq_lightning.hardware.cpu._profile import Profiler
 from ohq_lightning.hardware.cpu._runtimes import RUNTIMES, Deployment, build_deployment, kernel_of
 from ohq_lightning.hardware.cpu.fit import AdditiveFit, fit_additive, outliers
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
 
 __all__ = ["CPU_OPTIONS", "CPUTarget"]
 

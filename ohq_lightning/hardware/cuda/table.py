@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ohq_lightning.hardware.base import int8_weight_bytes
 from ohq_lightning.hardware.cuda.options import DeviceInfo, check_options, kernel_of, tf32_flags
 from ohq_lightning.hardware.cuda.profiling import LayerResult
-from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes
+from ohq_lightning.plan import UNSUPPORTED, CostTable, LayerCost, LayerInfo, Option
 
 __all__ = ["Selection", "assemble_costs", "cost_table", "transitions_ms"]
 

@@ -6,9 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ohq_lightning.hardware.base import int8_weight_bytes
 from ohq_lightning.hardware.table._reader import read_table
 from ohq_lightning.hardware.table.schema import model_key
-from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, int8_weight_bytes, parse_options
+from ohq_lightning.plan import CostTable, LayerCost, LayerInfo, Option, parse_options
 
 __all__ = ["TableTarget"]
 
