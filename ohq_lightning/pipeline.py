@@ -15,7 +15,13 @@ from torch import nn
 
 from ohq_lightning._util.timing import stage_seconds
 from ohq_lightning.config import DEFAULT_ACCURACY_BOUND, Budgets, SearchConfig, settings_from
-from ohq_lightning.hardware import HardwareTarget, PlanMeasuringTarget, create_target
+from ohq_lightning.hardware import (
+    HardwareTarget,
+    PlanMeasuringTarget,
+    PlanTimingTarget,
+    ShowsProgress,
+    create_target,
+)
 from ohq_lightning.layers import LayerTrace, trace_layers
 from ohq_lightning.plan import CostTable, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import compute_sensitivity
@@ -118,6 +124,51 @@ def _refine(
     return _Refinement(plan, costs, measured, settled)
 
 
+def _uniform_rivals(problem: _Problem, costs: CostTable, plan: QuantPlan) -> dict[str, dict[str, str]]:
+    """The uniform builds (each option as the target runs it) that meet the budgets by ``costs``, by name."""
+    rivals: dict[str, dict[str, str]] = {}
+    for option in problem.options:
+        uniform = uniform_as_run(costs, problem.scores, option, problem.options)
+        if uniform == plan.assignment or uniform in rivals.values():
+            continue
+        if best_of([uniform], problem.scores, costs, budgets=problem.budgets, **problem.solve_settings()) is not None:
+            rivals[f"uniform {option}"] = uniform
+    return rivals
+
+
+def _fastest_measured(
+    hardware: PlanTimingTarget,
+    problem: _Problem,
+    refined: _Refinement,
+    trace: LayerTrace,
+    model: nn.Module,
+    example_inputs: Any,
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """The pick, or a uniform build that meets the same budgets and measured faster beside it.
+
+    The pick and its rivals are timed end to end in one interleaved run; a rival that wins is
+    returned priced by the latest fit. The record says what was timed, which won and by how much.
+    """
+    rivals = _uniform_rivals(problem, refined.costs, refined.plan)
+    if not rivals:
+        return refined.plan, {}
+    candidates = {"plan": dict(refined.plan.assignment), **rivals}
+    timed = hardware.time_plans(trace.layers, list(candidates.values()), model=model, example_inputs=example_inputs)
+    measured_ms = dict(zip(candidates, (float(ms) for ms in timed), strict=True))
+    winner = min(measured_ms, key=measured_ms.__getitem__)
+    record = {
+        "measured_ms": measured_ms,
+        "winner": winner,
+        "plan_over_winner": measured_ms["plan"] / measured_ms[winner],
+    }
+    if winner == "plan":
+        return refined.plan, record
+    settings = problem.solve_settings()
+    plan = best_of([candidates[winner]], problem.scores, refined.costs, budgets=problem.budgets, **settings)
+    assert plan is not None  # it met the budgets when it was chosen as a rival
+    return plan, record
+
+
 def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Sequence[str]) -> dict[str, Any]:
     """Predicted latency and total sensitivity of every option applied to every layer the target runs it on.
 
@@ -203,6 +254,8 @@ def search(
     if config.uses_mqe:
         _check_mqe_inputs(example_inputs)
     hardware = create_target(target)
+    if not progress and isinstance(hardware, ShowsProgress):
+        hardware = hardware.with_progress(False)
     options = [o.name for o in parse_options(hardware.options if config.options is None else config.options)]
     _check_bound_option(budgets, given, options)
     timings: dict[str, float] = {}
@@ -221,6 +274,10 @@ def search(
         with stage_seconds(timings, "refine"):
             refined = _refine(hardware, problem, plan, trace, model, example_inputs)
     plan, costs, measured = refined.plan, refined.costs, refined.measured
+    guard: dict[str, Any] = {}
+    if minimize == "latency" and isinstance(hardware, PlanTimingTarget):
+        with stage_seconds(timings, "uniform_guard"):
+            plan, guard = _fastest_measured(hardware, problem, refined, trace, model, example_inputs)
     plan = _describe_rows(plan, trace, scores)
     plan.meta.update(
         timings_s=timings,
@@ -230,7 +287,8 @@ def search(
         num_samples=config.num_samples if config.uses_mqe else None,
         seed=config.seed,
         cost_source=costs.meta.get("source", ""),
-        plan_measured=plan.assignment in measured,
+        plan_measured=plan.assignment in measured or bool(guard),
+        fastest_measured=guard or None,
         refinement_settled=refined.settled,
         plans_measured_in_refinement=len(measured),
         uniform=_uniform_predictions(costs, scores, options),

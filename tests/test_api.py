@@ -237,3 +237,62 @@ def test_no_refinement_rounds_means_no_refinement(tiny_net, tiny_input):
     plan = ohq.search(tiny_net, tiny_input, target=target, sensitivity_budget=1e9, refine_rounds=0, **FAST)
     assert calls == [[]]  # only the profile itself, no plan timed
     assert plan.meta["refinement_settled"] is True and "refine" not in plan.meta["timings_s"]
+
+
+class _Stopwatch(ohq.AnalyticalTarget):
+    """A target whose fit says w4a8 layers cost 0.5 ms, w8a8 1 ms and fp32 2 ms, but whose stopwatch says
+    ``measured(plan)``; it records what it was asked to time."""
+
+    def __init__(self, measured, **kwargs):
+        super().__init__(options=("fp32", "w8a8", "w4a8"), **kwargs)
+        self.measured, self.timed = measured, []
+
+    def cost(self, layer, option):
+        cost = super().cost(layer, option)
+        cost.latency_ms = 2.0 if option.is_float else option.weight_bits / 8
+        return cost
+
+    def time_plans(self, layers, plans, *, model, example_inputs):
+        self.timed.append([dict(plan) for plan in plans])
+        return [self.measured(plan) for plan in plans]
+
+
+def test_a_uniform_build_that_meets_the_budgets_and_measures_faster_beats_the_pick(tiny_net, tiny_input):
+    # the fit says all-w4a8 is fastest; the stopwatch says any mix with w4a8 is 3x slower than uniform w8a8
+    target = _Stopwatch(lambda plan: 3.0 if "w4a8" in plan.values() else (1.0 if "w8a8" in plan.values() else 2.0))
+    plan = ohq.search(tiny_net, tiny_input, target=target, minimize="latency", sensitivity_budget=1e9, **FAST)
+    guard = plan.meta["fastest_measured"]
+    assert guard["winner"] == "uniform w8a8" and guard["plan_over_winner"] == pytest.approx(3.0)
+    assert set(plan.assignment.values()) == {"w8a8"} and plan.meta["plan_measured"] is True
+    assert [len(plans) for plans in target.timed] == [3]  # the pick, uniform fp32 and uniform w8a8, in one run
+    assert set(guard["measured_ms"]) == {"plan", "uniform fp32", "uniform w8a8"}
+
+
+def test_the_pick_stays_when_it_measures_fastest_and_rivals_must_meet_the_budgets(tiny_net, tiny_input):
+    target = _Stopwatch(lambda plan: 0.5 if "w4a8" in plan.values() else 2.0)
+    plan = ohq.search(tiny_net, tiny_input, target=target, minimize="latency", sensitivity_budget=1e9, **FAST)
+    assert plan.meta["fastest_measured"]["winner"] == "plan" and "w4a8" in plan.assignment.values()
+    bounded = _Stopwatch(lambda plan: 0.1 if set(plan.values()) == {"fp32"} else 9.0)
+    kept = ohq.search(tiny_net, tiny_input, target=bounded, compression_ratio=0.6, **FAST)  # minimises sensitivity
+    assert bounded.timed == [] and kept.meta["fastest_measured"] is None  # no guard unless latency is the goal
+    strict = _Stopwatch(lambda plan: 0.1 if set(plan.values()) == {"fp32"} else 9.0)
+    fast = ohq.search(
+        tiny_net, tiny_input, target=strict, minimize="latency", compression_ratio=0.6, sensitivity_budget=1e9, **FAST
+    )
+    # uniform fp32 and w8a8 break the size budget and uniform w4a8 is the pick itself: nothing to time
+    assert strict.timed == [] and fast.meta["fastest_measured"] is None
+    assert set(fast.assignment.values()) == {"w4a8"} and fast.predicted["size_ratio"] <= 0.6 + 1e-9
+
+
+def test_progress_false_silences_the_targets_bars(tiny_net, tiny_input):
+    asked = []
+
+    class Chatty(ohq.AnalyticalTarget):
+        def with_progress(self, enabled):
+            asked.append(enabled)
+            return self
+
+    ohq.search(tiny_net, tiny_input, target=Chatty(), compression_ratio=0.6, **FAST)
+    assert asked == [False]
+    ohq.search(tiny_net, tiny_input, target=Chatty(), compression_ratio=0.6, **{**FAST, "progress": True})
+    assert asked == [False]

@@ -200,3 +200,23 @@ def test_a_sample_the_fit_misses_is_flagged_for_timing_again():
     flagged = outliers(measured, fit, candidates=set(measured))
     assert flagged[0] == skewed
     assert outliers(measured, fit, candidates={"0000"}) == []
+
+
+def test_time_plans_times_whole_graphs_and_plans_that_run_alike_share_one(traced, tmp_path):
+    model, example, layers = traced
+    target = CPUTarget(timing=QUICK, cache_dir=tmp_path, progress=False)
+    names = [layer.name for layer in layers]
+    fp32, int8, int4 = (dict.fromkeys(names, option) for option in ("fp32", "w8a8", "w4a8"))
+    measured = target.time_plans(layers, [fp32, int8, int4], model=model, example_inputs=example)
+    assert len(measured) == 3 and all(ms > 0 for ms in measured)
+    assert measured[1] == measured[2]  # w4a8 runs on the int8 kernel: the same graph, timed once
+
+
+def test_a_latency_search_on_the_cpu_target_returns_the_fastest_plan_it_timed(traced, tmp_path):
+    model, example, _ = traced
+    target = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
+    plan = ohq.search(model, example, target=target, num_samples=4, distill_steps=2, progress=False, refine_rounds=1)
+    guard = plan.meta["fastest_measured"]  # minimize=auto, no budget: the fastest plan as accurate as INT8
+    assert guard is not None and "plan" in guard["measured_ms"]
+    assert guard["winner"] == min(guard["measured_ms"], key=guard["measured_ms"].get)
+    assert guard["plan_over_winner"] >= 1.0 and plan.meta["plan_measured"] is True

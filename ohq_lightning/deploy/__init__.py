@@ -2,10 +2,12 @@
 
 ``runtime`` holds the :class:`Runtime` protocol, the :data:`RUNTIMES` registry and the entry points
 (:func:`deploy_plan`, :func:`deploy_uniform`, :func:`measure_latency`); ``onnxruntime`` and
-``torch_fx`` are the two runtimes; ``base`` and ``learned`` what they share.
+``torch_fx`` are the two runtimes; ``base``, ``learned`` and ``example_call`` (the model called the way
+its example input calls it, for every export and trace) what they share.
 """
 
 from ohq_lightning.deploy.base import BaseDeployedModel, SupportsRunner, uniform_assignment
+from ohq_lightning.deploy.example_call import ExampleCall
 from ohq_lightning.deploy.learned import input_qparams
 from ohq_lightning.deploy.onnxruntime import (
     ORT_DISABLED_OPTIMIZERS,
@@ -53,6 +55,7 @@ __all__ = [
     "ActivationRange",
     "BaseDeployedModel",
     "DeployedModel",
+    "ExampleCall",
     "FixedQuantization",
     "QDQBuilder",
     "Runtime",

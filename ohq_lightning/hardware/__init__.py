@@ -12,7 +12,7 @@ from typing import Any
 
 from ohq_lightning._util.timing import Timing, TimingSettings, set_threads, time_interleaved
 from ohq_lightning.hardware.analytical import BIT_SERIAL_OPTIONS, DEFAULT_OPTIONS, AnalyticalTarget, BitSerialTarget
-from ohq_lightning.hardware.base import HardwareTarget, PlanMeasuringTarget
+from ohq_lightning.hardware.base import HardwareTarget, PlanMeasuringTarget, PlanTimingTarget, ShowsProgress
 from ohq_lightning.hardware.cpu import CPU_OPTIONS, CPUTarget
 from ohq_lightning.hardware.cuda import CUDA_OPTIONS, CUDATarget
 from ohq_lightning.hardware.energy import NvmlEnergyMeter
@@ -32,6 +32,8 @@ __all__ = [
     "HardwareTarget",
     "NvmlEnergyMeter",
     "PlanMeasuringTarget",
+    "PlanTimingTarget",
+    "ShowsProgress",
     "TableTarget",
     "Timing",
     "TimingSettings",

@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ohq_lightning.plan import CostTable, LayerInfo, Option
 
-__all__ = ["HardwareTarget", "PlanMeasuringTarget", "int8_weight_bytes"]
+__all__ = ["HardwareTarget", "PlanMeasuringTarget", "PlanTimingTarget", "ShowsProgress", "int8_weight_bytes"]
 
 
 @runtime_checkable
@@ -63,4 +63,33 @@ class PlanMeasuringTarget(HardwareTarget, Protocol):
         plans: Sequence[Mapping[str, str]],
     ) -> CostTable:
         """Like :meth:`~HardwareTarget.costs`, with ``plans`` (layer name -> option) timed as well and fitted in."""
+        ...
+
+
+@runtime_checkable
+class PlanTimingTarget(HardwareTarget, Protocol):
+    """A target that can time whole plans end to end, side by side in one interleaved run.
+
+    A search that minimises latency times its pick beside the uniform builds that meet the same
+    budgets and returns the fastest measured one: a fit can be wrong, a stopwatch on the device is not.
+    """
+
+    def time_plans(
+        self,
+        layers: Sequence[LayerInfo],
+        plans: Sequence[Mapping[str, str]],
+        *,
+        model: Any,
+        example_inputs: Any,
+    ) -> list[float]:
+        """The median end-to-end milliseconds of each plan (layer name -> option), timed interleaved."""
+        ...
+
+
+@runtime_checkable
+class ShowsProgress(Protocol):
+    """A target that shows progress bars while it works, and can be asked not to."""
+
+    def with_progress(self, enabled: bool) -> Any:
+        """This target with its progress bars on or off (a copy; the target itself is unchanged)."""
         ...

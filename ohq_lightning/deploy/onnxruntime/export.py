@@ -1,7 +1,9 @@
 """The float ONNX graph of a model, and where each quantizable layer sits in it.
 
-The float model is exported once (``torch.onnx.export``, TorchScript exporter, opset 17); layers are
-found again in the graph by the module path the exporter writes into each node's name.
+The float model is exported once (``torch.onnx.export``, TorchScript exporter, opset 17), called the
+way its example input calls it (:class:`~ohq_lightning.deploy.example_call.ExampleCall`: defaulted and
+keyword-only arguments keep their defaults); layers are found again in the graph by the module path the
+exporter writes into each node's name, which is the model's own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ohq_lightning.deploy.example_call import ExampleCall
 from ohq_lightning.layers import preserved_state
 
 __all__ = ["QUANTIZABLE_OPS", "constant_value", "export_onnx", "layer_nodes", "output_anchor", "scope_path"]
@@ -24,20 +27,26 @@ QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, *, opset: int = 17) -> Any:
-    """The float ONNX graph of ``model`` (eval mode), with graph input ``x`` and output ``y``."""
+    """The float ONNX graph of ``model`` (eval mode) called with ``example_inputs``: graph input ``x``
+    (inputs named by the exporter when the example holds several tensors) and output ``y``.
+
+    ``example_inputs`` is a tensor, a tuple/list of positional arguments or a dict of keywords; the
+    model is called with exactly those, its other arguments left at their defaults.
+    """
     import onnx  # deferred: onnx is heavy to import
 
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    call = ExampleCall(model, example_inputs)
+    inputs = call.example_inputs
     buffer = io.BytesIO()
     with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            args,
+            call,
+            (inputs,),
             buffer,
             dynamo=False,
             opset_version=opset,
-            input_names=["x"] if len(args) == 1 else None,
+            input_names=["x"] if isinstance(inputs, torch.Tensor) else None,
             output_names=["y"],
         )
     return onnx.load_from_string(buffer.getvalue())

@@ -128,7 +128,7 @@ class TorchInt8Builder:
         float_model.eval()
         self._backend = get_native_backend_config()
         with quiet(), torch.no_grad():
-            fused = _fuse_fx(trace_fx(float_model), False, None, self._backend)
+            fused = _fuse_fx(trace_fx(float_model, self.example_inputs), False, None, self._backend)
         if self.example_inputs.dim() == 4:
             channels_last(fused)
         return fused

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ohq_lightning.deploy.example_call import ExampleCall
+
 __all__ = ["channels_last", "first_conv", "plain_modules", "replace_module", "trace_fx"]
 
 _DROPPED = (nn.Identity, nn.Dropout)
@@ -50,18 +52,46 @@ def plain_modules(model: nn.Module) -> None:
             replace_module(model, name, nn.Sequential(norm, module.drop, module.act))
 
 
-def trace_fx(model: nn.Module) -> torch.fx.GraphModule:
-    """The model as an FX graph (torch's quantization tracer), normalised for FX's int8 backend.
+def trace_fx(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModule:
+    """The model called with ``example_inputs`` as an FX graph (torch's quantization tracer), normalised for
+    FX's int8 backend.
 
-    Identity/Dropout nodes are dropped; ``nn.Flatten``, ``x.flatten()`` and ``torch.relu`` become
+    The traced module is :class:`~ohq_lightning.deploy.example_call.ExampleCall`: one placeholder, the
+    example's tensor; the model's other arguments keep their defaults, and module paths are the model's
+    own. Identity/Dropout nodes are dropped; ``nn.Flatten``, ``x.flatten()`` and ``torch.relu`` become
     ``torch.flatten`` and ``F.relu``, which FX's int8 backend runs on uint8 (the others would cost a
     dequantize/quantize pair). A model that cannot be traced is a ``ValueError`` naming the module.
     """
+    call = ExampleCall(model, example_inputs)
+    tracer = _tracer(call)
+    try:
+        graph = tracer.trace(call)
+    except Exception as error:  # any tracing failure becomes one clear error
+        where = tracer.failed_in or "<top level>"
+        raise ValueError(
+            f"the torch runtime cannot deploy {type(model).__name__}: torch.fx could not trace it, in module "
+            f"{where!r} ({type(error).__name__}: {error}). Deploy it with the onnxruntime runtime, or make that "
+            "forward traceable (no data-dependent Python control flow)"
+        ) from error
+    module = torch.fx.GraphModule(call, graph)
+    _normalise(module)
+    return module
+
+
+def _tracer(call: ExampleCall) -> Any:
+    """torch's quantization tracer, which traces through ``call``'s model as the root (path ``""``) and
+    remembers the innermost module a tracing error came from (``failed_in``)."""
     # deferred: torch.ao.quantization is deprecated upstream; only the torch runtime loads it
     from torch.ao.quantization.fx.tracer import QuantizationTracer
 
     class Tracer(QuantizationTracer):
         failed_in: str | None = None
+
+        def path_of_module(self, mod: nn.Module) -> str:
+            return "" if mod is call.wrapped_model else super().path_of_module(mod)
+
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            return m is not call.wrapped_model and super().is_leaf_module(m, module_qualified_name)
 
         def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
             try:
@@ -71,19 +101,7 @@ def trace_fx(model: nn.Module) -> torch.fx.GraphModule:
                     self.failed_in = self.path_of_module(m)
                 raise
 
-    tracer = Tracer([], [])
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:  # any tracing failure becomes one clear error
-        where = tracer.failed_in or "<top level>"
-        raise ValueError(
-            f"the torch runtime cannot deploy {type(model).__name__}: torch.fx could not trace it, in module "
-            f"{where!r} ({type(error).__name__}: {error}). Deploy it with the onnxruntime runtime, or make that "
-            "forward traceable (no data-dependent Python control flow)"
-        ) from error
-    module = torch.fx.GraphModule(model, graph)
-    _normalise(module)
-    return module
+    return Tracer([], [])
 
 
 def _normalise(module: torch.fx.GraphModule) -> None:

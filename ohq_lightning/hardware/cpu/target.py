@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from ohq_lightning._util.cache import cache_root
-from ohq_lightning._util.timing import TimingSettings
+from ohq_lightning._util.timing import TimingSettings, time_interleaved
 from ohq_lightning.deploy import ENGINES
 from ohq_lightning.hardware.base import int8_weight_bytes
 from ohq_lightning.hardware.cache import TimingCache, cpu_model_name
@@ -139,6 +140,33 @@ class CPUTarget:
         }
         meta = self._meta(deployment, kernels, stats, profiler.cache, time.perf_counter() - started)
         return self._table(layers, parsed, fit, meta)
+
+    def time_plans(
+        self,
+        layers: Sequence[LayerInfo],
+        plans: Sequence[Mapping[str, str]],
+        *,
+        model: Any,
+        example_inputs: Any,
+    ) -> list[float]:
+        """The median end-to-end milliseconds of each plan's deployed graph, all timed interleaved in one run.
+
+        Plans that run the same layers on integer kernels share one graph (and one timing).
+        """
+        _check_inputs(model, example_inputs)
+        names = [layer.name for layer in layers]
+        deployment = build_deployment(
+            self.runtime, model, example_inputs, names, threads=self.threads, engine=self.engine, seed=self.seed
+        )
+        bits = [self._bits(plan, names) for plan in plans]
+        unique = list(dict.fromkeys(bits))
+        timings = time_interleaved([deployment.build(graph) for graph in unique], self.timing)
+        median_ms = {graph: timing.median_ms for graph, timing in zip(unique, timings, strict=True)}
+        return [median_ms[graph] for graph in bits]
+
+    def with_progress(self, enabled: bool) -> CPUTarget:
+        """This target with its progress bars on or off."""
+        return dataclasses.replace(self, progress=enabled)
 
     def _bits(self, plan: Mapping[str, str], names: Sequence[str]) -> str:
         """A plan (layer -> option) as a bit string over ``names``: ``"1"`` where the option runs on int8."""

@@ -10,6 +10,7 @@ docs/notes/cuda.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -125,6 +126,10 @@ class CUDATarget:
         object.__setattr__(self, "options", checked)
 
     # -- measuring -------------------------------------------------------------------------
+
+    def with_progress(self, enabled: bool) -> CUDATarget:
+        """This target with its progress bar on or off."""
+        return dataclasses.replace(self, progress=enabled)
 
     def costs(
         self,
