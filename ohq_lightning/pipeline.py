@@ -187,6 +187,18 @@ def _uniform_predictions(costs: CostTable, scores: SensitivityTable, options: Se
     return found
 
 
+def _latency_limit(costs: CostTable, options: Sequence[str]) -> float | None:
+    """What the device allows by the table: the base plus each layer at its fastest runnable option, no
+    transition paid (no plan can beat it; a plan's distance to it is what mixing still could win)."""
+    fastest = []
+    for layer in costs.layers:
+        runnable = [costs.costs[layer][o].latency_ms for o in options if costs.is_supported(layer, o)]
+        if not runnable or any(ms is None for ms in runnable):
+            return None
+        fastest.append(min(runnable))
+    return (costs.base_latency_ms or 0.0) + sum(fastest)
+
+
 def _describe_rows(plan: QuantPlan, trace: LayerTrace, scores: SensitivityTable) -> QuantPlan:
     """The plan with each row carrying its layer's type, shapes, MACs and scores (a new plan; rows are frozen)."""
     infos = {layer.name: layer for layer in trace.layers}
@@ -292,5 +304,6 @@ def search(
         refinement_settled=refined.settled,
         plans_measured_in_refinement=len(measured),
         uniform=_uniform_predictions(costs, scores, options),
+        latency_limit_ms=_latency_limit(costs, options),
     )
     return plan

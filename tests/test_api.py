@@ -296,3 +296,11 @@ def test_progress_false_silences_the_targets_bars(tiny_net, tiny_input):
     assert asked == [False]
     ohq.search(tiny_net, tiny_input, target=Chatty(), compression_ratio=0.6, **{**FAST, "progress": True})
     assert asked == [False]
+
+
+def test_the_limit_is_each_layer_at_its_fastest_option_with_no_transition(tiny_net, tiny_input):
+    target = _Stopwatch(lambda plan: 1.0)  # fit: w4a8 0.5 ms, w8a8 1 ms, fp32 2 ms per layer, no base
+    plan = ohq.search(tiny_net, tiny_input, target=target, compression_ratio=0.6, **FAST)
+    layers = len(plan.assignment)
+    assert plan.meta["latency_limit_ms"] == pytest.approx(0.5 * layers)  # 4 layers x 0.5 ms
+    assert plan.predicted["latency_ms"] >= plan.meta["latency_limit_ms"]

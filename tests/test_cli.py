@@ -228,6 +228,9 @@ def test_small_job_end_to_end_writes_the_report(tmp_path: Path) -> None:
     assert report["data"]["test"] == 64 and report["fp32"]["size_bytes"] > report["int8"]["size_bytes"]
     assert report["fp32"]["accuracy"] > 0.5  # trained on real digits for two epochs: far above chance (0.1)
     assert 0 <= report["ohq"]["calibration_only_accuracy"] <= 1
+    limit = report["plan"]["latency_limit_ms"]  # the search's latency model: each layer at its fastest option
+    assert 0 < limit <= report["ohq"]["predicted_latency_ms"] + 1e-9
+    assert report["ratios"]["ohq_over_limit"] == pytest.approx(report["ohq"]["latency_ms"] / limit)
     assert "calibration only, without fine-tuning" in (run / "report.md").read_text()
     for name in ("report.md", "plan.json", "plan.png", "accuracy_latency.png", "float_model.pt"):
         assert (run / name).is_file(), name

@@ -46,25 +46,28 @@ def build_report(
         "threads": threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         **results,
-        "ratios": _ratios(results),
+        "ratios": _ratios(results, plan.meta.get("latency_limit_ms")),
         "plan": {
             "option_counts": plan.option_counts(),
             "predicted": plan.predicted,
             "budgets": plan.budgets,
             "measured_during_search": plan.meta.get("plan_measured"),
             "refinement_settled": plan.meta.get("refinement_settled"),
+            "latency_limit_ms": plan.meta.get("latency_limit_ms"),
+            "fastest_measured": plan.meta.get("fastest_measured"),
         },
         "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "search": plan.meta.get("timings_s", {})},
         "config": asdict(cfg),
     }
 
 
-def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+def _ratios(results: dict[str, dict[str, Any]], limit_ms: float | None) -> dict[str, float | None]:
     ohq, int8, fp32 = (results[key]["latency_ms"] for key in ("ohq", "int8", "fp32"))
     return {
         "ohq_over_int8": ohq / int8,
         "ohq_over_fp32": ohq / fp32,
         "ohq_over_best_uniform": ohq / min(int8, fp32),
+        "ohq_over_limit": ohq / limit_ms if limit_ms else None,  # measured plan over the predicted limit
         "ohq_accuracy_minus_int8": results["ohq"]["accuracy"] - results["int8"]["accuracy"],
     }
 
@@ -95,6 +98,17 @@ def summary_table(report: dict[str, Any]) -> str:
     return format_table(headers, rows)
 
 
+def _limit_line(report: dict[str, Any]) -> str:
+    """What the device allows, beside the plan's measured time (empty when the target gives no latency)."""
+    limit, ratio = report["plan"]["latency_limit_ms"], report["ratios"]["ohq_over_limit"]
+    if limit is None or ratio is None:
+        return ""
+    return (
+        f"The limit by the search's latency model (each layer at its fastest option in context, no transition "
+        f"paid): {limit:.3f} ms; the plan measures {ratio:.3f}x that."
+    )
+
+
 def write_reports(report: dict[str, Any], plan: QuantPlan, root: Path, *, plots: bool = True) -> None:
     """Write ``report.json``, ``report.md``, ``plan.json`` and (``plots``) the PNG pictures to ``root``."""
     plan.save(root / "plan.json")
@@ -114,6 +128,7 @@ def write_reports(report: dict[str, Any], plan: QuantPlan, root: Path, *, plots:
         f"{report['ratios']['ohq_over_best_uniform']:.3f}; fake-quant (PyTorch) accuracy of the plan: "
         f"{100 * report['ohq']['fake_quant_accuracy']:.2f}% (calibration only, without fine-tuning: "
         f"{100 * report['ohq']['calibration_only_accuracy']:.2f}%).",
+        _limit_line(report),
         "",
         "## Plan",
         "",
