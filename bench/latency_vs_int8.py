@@ -3,8 +3,10 @@
 For each model (trained on the built-in digits data at its recipe's resolution), each runtime
 (ONNX Runtime, torch's int8 kernels) and each thread count, this bench:
 
-1. profiles the model at 1x3x224x224 with the measured ``cpu`` target of that runtime (cached on
-   disk: a second run reuses the measurements);
+1. profiles the model at 1x3x224x224 with the measured ``cpu`` target of that runtime, cold: in a
+   fresh temporary cache directory per profile (``--cache-dir DIR`` caches in DIR instead, so a
+   second run reuses the measurements; ``profile.from_cache`` in the output says how many of the
+   profile's timed plans came from the cache);
 2. searches the plan that minimises latency with total MQE sensitivity no worse than uniform
    INT8's (``minimize="latency", sensitivity_budget="w8a8"``, options fp32/w8a8);
 3. deploys uniform FP32, uniform INT8 and the plan at 224 on the runtime's real kernels and times
@@ -19,6 +21,7 @@ one JSON object: measured and predicted milliseconds of each build, the ratios `
 of each build's time relative to FP32).
 
     python bench/latency_vs_int8.py [--models resnet18 ...] [--runtimes onnxruntime torch] [--threads 1 2]
+        [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -76,9 +79,38 @@ def train(name: str, weights: Path) -> dict[str, Any]:
     }
 
 
-def measure(name: str, weights: str, image_size: int, threads: int, runtimes: list[str], accuracy: bool) -> dict:
-    """One process, one thread count: profile, search, deploy and time each runtime (and score accuracy)."""
-    from ohq_lightning import CPUTarget, search
+def recording_target(runtime: str, threads: int, cache_dir: str) -> Any:
+    """A ``cpu`` target that keeps every cost table it returns: the first is the profile's, with its cache use."""
+    from dataclasses import dataclass, field
+
+    from ohq_lightning import CPUTarget
+
+    @dataclass(frozen=True)
+    class RecordingCPUTarget(CPUTarget):
+        tables: list = field(default_factory=list, compare=False, repr=False)
+
+        def costs_with_plans(self, *args: Any, **kwargs: Any) -> Any:
+            table = super().costs_with_plans(*args, **kwargs)
+            self.tables.append(table)
+            return table
+
+    return RecordingCPUTarget(runtime=runtime, threads=threads, progress=False, cache_dir=cache_dir)
+
+
+def measure(
+    name: str,
+    weights: str,
+    image_size: int,
+    threads: int,
+    runtimes: list[str],
+    accuracy: bool,
+    cache_dir: str | None = None,
+) -> dict:
+    """One process, one thread count: profile, search, deploy and time each runtime (and score accuracy).
+
+    Each profile times in ``cache_dir``, or (None) in a fresh temporary directory, so it is cold.
+    """
+    from ohq_lightning import search
     from ohq_lightning.cli.data import build_data
     from ohq_lightning.cli.evaluate import deployed_accuracy
     from ohq_lightning.cli.model import build_model
@@ -96,18 +128,20 @@ def measure(name: str, weights: str, image_size: int, threads: int, runtimes: li
     results = {}
     for runtime in runtimes:
         started = time.perf_counter()
-        target = CPUTarget(runtime=runtime, threads=threads, progress=False)
-        plan = search(
-            network,
-            example,
-            target=target,
-            options=OPTIONS,
-            minimize="latency",
-            sensitivity_budget="w8a8",
-            num_samples=8,
-            progress=False,
-        )
+        with tempfile.TemporaryDirectory(prefix="ohq-latency-vs-int8-") as fresh:
+            target = recording_target(runtime, threads, cache_dir or fresh)
+            plan = search(
+                network,
+                example,
+                target=target,
+                options=OPTIONS,
+                minimize="latency",
+                sensitivity_budget="w8a8",
+                num_samples=8,
+                progress=False,
+            )
         search_s = time.perf_counter() - started
+        profile = target.tables[0].meta["fit"]
         builds = {"fp32": dict.fromkeys(names, "fp32"), "int8": dict.fromkeys(names, "w8a8"), "ohq": plan.assignment}
         deployed = [
             deploy_plan(network, assignment, example, runtime=runtime, calibration_inputs=large, threads=threads)
@@ -138,6 +172,12 @@ def measure(name: str, weights: str, image_size: int, threads: int, runtimes: li
             "plan_measured_during_search": plan.meta["plan_measured"],
             "search_s": round(search_s, 1),
             "profile_s": round(plan.meta["timings_s"]["costs"], 1),
+            "profile": {
+                "cache_dir": cache_dir or "fresh temporary directory",
+                "samples": profile["samples"],
+                "measured_now": profile["measured_now"],
+                "from_cache": profile["from_cache"],
+            },
         }
         if accuracy:
             test_example = data.example_input()
@@ -164,6 +204,11 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache the profiles here (a second run reuses them); default: a fresh temporary directory per profile",
+    )
+    parser.add_argument(
         "--child", nargs=5, metavar=("MODEL", "WEIGHTS", "SIZE", "THREADS", "ACCURACY"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -171,7 +216,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.child:
         name, weights, size, threads, accuracy = args.child
-        result = measure(name, weights, int(size), int(threads), args.runtimes, accuracy == "1")
+        result = measure(name, weights, int(size), int(threads), args.runtimes, accuracy == "1", args.cache_dir)
         print(json.dumps(result))
         return
     started = time.perf_counter()
@@ -182,8 +227,9 @@ def main() -> None:
             info = train(name, weights)
             info["runs"] = {}
             for index, threads in enumerate(args.threads):
+                cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
                 child = subprocess.run(
-                    [sys.executable, __file__, "--runtimes", *args.runtimes, "--child", name, str(weights),
+                    [sys.executable, __file__, "--runtimes", *args.runtimes, *cache, "--child", name, str(weights),
                      str(info["image_size"]), str(threads), "1" if index == 0 else "0"],
                     capture_output=True, text=True, check=False,
                 )  # fmt: skip

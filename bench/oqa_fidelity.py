@@ -11,7 +11,8 @@ measured milliseconds, their relative error (target: every |error| <= 10%), the 
 diagnostics, and the cold and warm profiling seconds (target: warm >= 10x faster than cold). The
 plans are timed minutes after the profile: where the machine's speed drifted in between (a shared
 machine), the milliseconds disagree as a whole and ``rel_error_of_ratio_to_fp32`` (both sides
-divided by their FP32 figure) is the comparison to read.
+divided by their FP32 figure; a prediction by the FP32 prediction of the same table, the refitted
+one for the refined mix) is the comparison to read.
 
     python bench/oqa_fidelity.py [--models resnet18 mobilenetv3_small_100 mobilenetv3_large_100]
         [--runtime onnxruntime torch] [--engine x86] [--threads 1]
@@ -124,11 +125,14 @@ def bench_model(
     measured_ms = {key: timing.median_ms for key, timing in zip(deployed, timings, strict=True)}
     results = {}
     fp32_measured = measured_ms["fp32"]
-    fp32_predicted = table.predicted_latency_ms(plans["fp32"])
     for key, plan in plans.items():
         measured = measured_ms[key]
-        predicted = (refined_table if key == "latency_optimal_mix_refined" else table).predicted_latency_ms(plan)
-        ratio_measured, ratio_predicted = measured / fp32_measured, predicted / fp32_predicted
+        predictor = refined_table if key == "latency_optimal_mix_refined" else table
+        predicted = predictor.predicted_latency_ms(plan)
+        # each prediction over the FP32 prediction of the same table: a refit rescales the whole table, so a
+        # ratio to the original table's FP32 figure would carry the drift between the two profiles
+        ratio_measured = measured / fp32_measured
+        ratio_predicted = predicted / predictor.predicted_latency_ms(plans["fp32"])
         results[key] = {
             "int8_layers": sum(o != "fp32" for o in plan.values()),
             "measured_ms": round(measured, 3),

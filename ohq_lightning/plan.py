@@ -186,8 +186,8 @@ class LayerInfo(JsonMixin):
 class LayerCost(JsonMixin):
     """Cost of one layer at one option; ``source`` says where the numbers came from.
 
-    ``source`` is e.g. ``"analytical"``, ``"measured"``, ``"table"``, or :data:`UNSUPPORTED` when the
-    target cannot run the layer at that option (see :attr:`supported`).
+    ``source``: ``"analytical"`` (a model), ``"measured"`` (timed directly here), ``"fitted"`` (fitted from end-to-end
+    timings here), ``"table"`` (read from elsewhere), or :data:`UNSUPPORTED` (no kernel; see :attr:`supported`).
     """
 
     weight_bytes: float

@@ -224,7 +224,7 @@ def test_small_job_end_to_end_writes_the_report(tmp_path: Path) -> None:
     for key in ("fp32", "int8", "ohq"):
         assert {"accuracy", "size_bytes", "latency_ms"} <= set(report[key])
         assert report[key]["latency_ms"] > 0 and 0 <= report[key]["accuracy"] <= 1
-    assert report["ohq"]["predicted_latency_ms"] > 0 and report["cost_source"] == "measured"
+    assert report["ohq"]["predicted_latency_ms"] > 0 and report["cost_source"] == "fitted"
     assert report["data"]["test"] == 64 and report["fp32"]["size_bytes"] > report["int8"]["size_bytes"]
     assert report["fp32"]["accuracy"] > 0.5  # trained on real digits for two epochs: far above chance (0.1)
     assert 0 <= report["ohq"]["calibration_only_accuracy"] <= 1

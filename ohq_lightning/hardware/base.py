@@ -15,8 +15,9 @@ class HardwareTarget(Protocol):
     """A deployment target: its name, its candidate options, and the cost of each layer at each.
 
     ``costs`` returns a :class:`~ohq_lightning.plan.CostTable` whose every entry says where its
-    numbers came from (``"measured"`` on this device, ``"table"`` read from elsewhere, or
-    ``"analytical"`` from a model), so a plan never passes an estimate off as a measurement.
+    numbers came from (``"measured"``: timed directly on this device; ``"fitted"``: fitted from
+    end-to-end timings on this device; ``"table"``: read from elsewhere; ``"analytical"``: from a
+    model), so a plan never passes an estimate or a fit off as a measurement.
     """
 
     name: str

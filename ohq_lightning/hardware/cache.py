@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import warnings
 from pathlib import Path
@@ -28,14 +29,22 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _usable(timing: Timing) -> bool:
+    """A timing a cost can rest on: its median is a finite number of milliseconds (or millijoules) above 0."""
+    median = timing.median_ms
+    return isinstance(median, int | float) and not isinstance(median, bool) and math.isfinite(median) and median > 0
+
+
 class TimingCache:
     """Measured timings of one device configuration, persisted as one JSON file.
 
     The file name is a hash of ``fingerprint`` (CPU or GPU model, runtime and versions, threads),
     so each configuration has its own file; entries are keyed by operation (a layer signature
     plus the kernel it ran). Writes are atomic (temporary file, then rename). A file that
-    cannot be read is rebuilt with a warning; a directory that cannot be written keeps the
-    cache in memory with a warning.
+    cannot be read, or that holds a timing whose median is not a finite number > 0 (NaN, 0 or
+    infinity: a broken or hand-edited file, never a measurement), is rebuilt with a warning
+    rather than trusted; a directory that cannot be written keeps the cache in memory with a
+    warning.
 
     Example:
         >>> import tempfile
@@ -60,9 +69,13 @@ class TimingCache:
             data = json.loads(self.path.read_text())
             if data.get("format") != _FORMAT or data.get("fingerprint") != self.fingerprint:
                 raise ValueError("format or fingerprint does not match")
-            self._entries = {key: Timing(**value) for key, value in data["entries"].items()}
+            entries = {key: Timing(**value) for key, value in data["entries"].items()}
+            bad = [key for key, timing in entries.items() if not _usable(timing)]
+            if bad:
+                raise ValueError(f"{len(bad)} timing(s) without a finite median > 0, e.g. {bad[0]!r}")
+            self._entries = entries
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-            warnings.warn(f"timing cache {self.path} is unreadable ({error}); rebuilding it", stacklevel=3)
+            warnings.warn(f"timing cache {self.path} is unreadable or invalid ({error}); rebuilding it", stacklevel=3)
             self._entries = {}
 
     def get(self, key: str) -> Timing | None:
@@ -72,6 +85,10 @@ class TimingCache:
     def put(self, key: str, timing: Timing) -> None:
         """Remember one timing (call :meth:`save` to persist)."""
         self._entries[key] = timing
+
+    def clear(self) -> None:
+        """Forget every timing (call :meth:`save` to persist): for a caller that finds the entries inconsistent."""
+        self._entries = {}
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -22,12 +23,19 @@ class Profiler:
 
     A sample's timing is the ratio of its latency to the all-FP32 graph's, timed alternately with
     it, so that the drift of a shared machine cancels out; :meth:`measured` turns the ratios back
-    into milliseconds with the median FP32 latency seen.
+    into milliseconds with the median FP32 latency seen. Ratios are worthless without that FP32
+    latency: a cache holding samples but no :data:`REFERENCE` is rebuilt with a warning.
     """
 
     def __init__(self, deployment: Deployment, cache: TimingCache, timing: TimingSettings, *, progress: bool) -> None:
         self.deployment = deployment
         self.cache = cache
+        if len(cache) and cache.get(REFERENCE) is None:
+            warnings.warn(
+                f"timing cache {cache.path} holds ratios but no FP32 reference ({REFERENCE!r}); rebuilding it",
+                stacklevel=3,
+            )
+            cache.clear()
         self.timing = timing
         self.progress = progress
         self._reference: Callable[[], Any] | None = None  # built on the first timing: a cached profile builds none

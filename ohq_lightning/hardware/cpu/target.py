@@ -221,7 +221,7 @@ class CPUTarget:
                     bops=layer.bops(option),
                     latency_ms=float(fit.kappa[index]) if kernels[option.name] == "int8" else 0.0,
                     energy_mj=None,
-                    source="measured",
+                    source="fitted",  # from end-to-end timings of mixes on this device, not timed layer by layer
                 )
                 for option in parsed
             }
@@ -247,7 +247,7 @@ class CPUTarget:
     ) -> dict[str, Any]:
         """Where the numbers came from (runtime, device, cache) and how well the model fits them."""
         return {
-            "source": "measured",
+            "source": "fitted",
             "runtime": self.runtime,
             "runtime_version": deployment.version,
             **deployment.meta,
