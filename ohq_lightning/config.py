@@ -34,6 +34,7 @@ __all__ = [
     "Budgets",
     "SearchConfig",
     "check_cost_weight",
+    "check_int",
     "check_minimize",
     "real_number",
     "resolve_objective",
@@ -117,7 +118,8 @@ def check_minimize(value: Any, allowed: Sequence[str] = MINIMIZE) -> str:
     return str(value)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int when it is an integer (numpy's too, not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -234,15 +236,15 @@ class SearchConfig:
         _check_sensitivity_source(self.sensitivity)
         if self.synthetic not in SYNTHETIC_KINDS:
             raise ValueError(f"unknown synthetic input kind {self.synthetic!r}; use one of {list(SYNTHETIC_KINDS)}")
-        object.__setattr__(self, "num_samples", _check_int("num_samples", self.num_samples, 1))
-        object.__setattr__(self, "distill_steps", _check_int("distill_steps", self.distill_steps, 1))
+        object.__setattr__(self, "num_samples", check_int("num_samples", self.num_samples, 1))
+        object.__setattr__(self, "distill_steps", check_int("distill_steps", self.distill_steps, 1))
         check_minimize(self.minimize)
         object.__setattr__(self, "tie_groups", _check_tie_groups(self.tie_groups))
         object.__setattr__(self, "cost_weight", check_cost_weight(self.cost_weight))
         if self.minimize == "latency" and self.cost_weight > 0:
             raise ValueError("cost_weight weighs a cost against sensitivity; with minimize='latency' leave it at 0")
-        object.__setattr__(self, "refine_rounds", _check_int("refine_rounds", self.refine_rounds, 0))
-        object.__setattr__(self, "seed", _check_int("seed", self.seed, 0))
+        object.__setattr__(self, "refine_rounds", check_int("refine_rounds", self.refine_rounds, 0))
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
 
     @property
     def uses_mqe(self) -> bool:

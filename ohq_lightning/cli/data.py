@@ -7,6 +7,7 @@ mean and standard deviation, resized (bilinear) to ``image_size`` and repeated t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 __all__ = ["DATASETS", "ImageData", "build_data", "digits_split"]
 
 DATASETS = ("digits", "imagefolder", "cifar10")
+"""The datasets ``data.name`` may name (one loader each in ``_LOADERS``)."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -155,6 +157,19 @@ def _cifar10(root: str | None, image_size: int) -> tuple[Dataset, Dataset, int]:
     return train, test, 10
 
 
+def _digits(root: str | None, image_size: int, seed: int) -> tuple[Dataset, Dataset, int]:
+    split = digits_split(seed, image_size)  # bundled with scikit-learn: no root
+    return TensorDataset(split["x_train"], split["y_train"]), TensorDataset(split["x_test"], split["y_test"]), 10
+
+
+_LOADERS: dict[str, Callable[[str | None, int, int], tuple[Dataset, Dataset, int]]] = {
+    "digits": _digits,
+    "imagefolder": lambda root, image_size, seed: _imagefolder(root, image_size),
+    "cifar10": lambda root, image_size, seed: _cifar10(root, image_size),
+}
+"""Dataset name -> loader ``(root, image_size, seed) -> (train, test, classes)``; its keys are :data:`DATASETS`."""
+
+
 def build_data(
     name: str,
     *,
@@ -179,15 +194,7 @@ def build_data(
     for key, value, minimum in (("image_size", image_size, 8), ("batch_size", batch_size, 1)):
         if value < minimum:
             raise ValueError(f"data.{key} must be >= {minimum}, got {value}")
-    if name == "digits":
-        split = digits_split(seed, image_size)
-        train: Dataset = TensorDataset(split["x_train"], split["y_train"])
-        test: Dataset = TensorDataset(split["x_test"], split["y_test"])
-        classes = 10
-    elif name == "imagefolder":
-        train, test, classes = _imagefolder(root, image_size)
-    else:
-        train, test, classes = _cifar10(root, image_size)
+    train, test, classes = _LOADERS[name](root, image_size, seed)
     if max_eval_samples is not None:
         if max_eval_samples < 1:
             raise ValueError(f"data.max_eval_samples must be >= 1, got {max_eval_samples}")

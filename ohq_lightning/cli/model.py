@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,12 @@ from ohq_lightning.cli.config import TrainConfig
 
 __all__ = ["OPTIMIZERS", "Classifier", "build_model", "classifier", "fit_quietly", "load_weights"]
 
-OPTIMIZERS = ("sgd", "adamw")
+_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9),
+    "adamw": torch.optim.AdamW,
+}
+OPTIMIZERS = tuple(_OPTIMIZERS)
+"""The optimizers ``train.optimizer`` may name."""
 
 _PREFIXES = ("model.", "module.", "network.")
 
@@ -160,12 +166,7 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The optimizer (SGD with momentum, or AdamW) and a cosine learning-rate schedule over ``epochs``."""
-        if self.optimizer == "adamw":
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.parameters(), lr=self.lr, weight_decay=self.weight_decay
-            )
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        optimizer = _OPTIMIZERS[self.optimizer](self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

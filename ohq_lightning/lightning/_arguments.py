@@ -21,7 +21,6 @@ __all__ = [
     "check_callable",
     "check_choice",
     "check_example_inputs",
-    "check_int",
     "optional_path",
     "read_plan",
     "renamed_arguments",
@@ -85,13 +84,6 @@ def check_example_inputs(value: Any) -> Any:
             "example_inputs must be a tensor, a tuple/list of arguments or a dict of keywords, "
             f"got {type(value).__name__}"
         )
-    return value
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` when it is an integer (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 

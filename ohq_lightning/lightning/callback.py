@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ohq_lightning.config import Budgets, SearchConfig, settings_from
+from ohq_lightning.config import Budgets, SearchConfig, check_int, settings_from
 from ohq_lightning.hardware import HardwareTarget, create_target
 from ohq_lightning.lightning import inputs
 from ohq_lightning.lightning._arguments import (
@@ -24,7 +24,6 @@ from ohq_lightning.lightning._arguments import (
     check_callable,
     check_choice,
     check_example_inputs,
-    check_int,
     optional_path,
     read_plan,
     renamed_arguments,
