@@ -10,6 +10,8 @@ Examples::
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -21,25 +23,29 @@ from ohq_lightning.solver import InfeasibleBudgetError
 
 __all__ = ["main"]
 
+_log = logging.getLogger("ohq_lightning")  # not __name__: that is "__main__" under python -m
+
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ohq_lightning.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run the job on the composed config and print its summary."""
+    """Run the job on the composed config and log its summary (console and ``ohq_lightning.log``)."""
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         report = run_job(cfg, output_dir)
     except (ValueError, InfeasibleBudgetError) as error:  # bad input: the message, not a traceback
         raise SystemExit(f"error: {error}") from None
-    print()
-    print(summary_table(report))
     ratios = report["ratios"]
-    print(
-        f"OHQ / uniform INT8 latency {ratios['ohq_over_int8']:.3f}, "
-        f"OHQ / best uniform {ratios['ohq_over_best_uniform']:.3f}; plan options {report['plan']['option_counts']}"
+    _log.info(
+        "FP32, uniform INT8 and the OHQ plan, deployed and measured:\n%s\nOHQ / uniform INT8 latency %.3f, OHQ / best "
+        "uniform %.3f; plan options %s\nreport: %s/report.md (report.json, plan.json, plan.png, accuracy_latency.png)",
+        summary_table(report),
+        ratios["ohq_over_int8"],
+        ratios["ohq_over_best_uniform"],
+        report["plan"]["option_counts"],
+        output_dir,
     )
-    print(f"report: {output_dir}/report.md (report.json, plan.json, plan.png, accuracy_latency.png)")
 
 
 if __name__ == "__main__":

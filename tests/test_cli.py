@@ -235,6 +235,10 @@ def test_small_job_end_to_end_writes_the_report(tmp_path: Path) -> None:
     for name in ("report.md", "plan.json", "plan.png", "accuracy_latency.png", "float_model.pt"):
         assert (run / name).is_file(), name
     assert "uniform INT8" in result.stdout and "OHQ plan" in result.stdout
+    log = (run / "ohq_lightning.log").read_text()  # the job is named ohq_lightning, not __main__
+    assert not (run / "__main__.log").exists()
+    assert "] - OHQ plan (" in log and "| option |" in log and "\npredicted: " in log  # the plan table
+    assert "| uniform INT8 |" in log and "OHQ / uniform INT8 latency" in log  # the summary table
 
 
 @pytest.mark.slow
@@ -277,6 +281,93 @@ def test_configs_are_found_from_an_installed_wheel(tmp_path: Path) -> None:
     result = run_cli("--cfg", "job", "+recipe=resnet18", cwd=elsewhere, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "name: resnet18" in result.stdout
+    shown = run_cli("--help", cwd=elsewhere, env=env)
+    assert shown.returncode == 0 and "+recipe=resnet18" in shown.stdout and "hardware=cpu " in shown.stdout
+    assert str(site / "ohq_lightning" / "conf") in shown.stdout
+
+
+def test_help_says_what_the_job_does_and_lists_the_recipes_and_groups(tmp_path: Path) -> None:
+    result = run_cli("--help", "hardware=analytical", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert "powered by Hydra" not in text
+    for words in ("train", "search", "fine-tune", "deploy FP32, uniform INT8 and the plan", "measured latency"):
+        assert words in text, words
+    assert all(f"+recipe={recipe} " in text for recipe in RECIPES)
+    for group in ("data", "hardware", "model", "ohq", "trainer", "eval"):
+        options = sorted(path.stem for path in (ROOT / "conf" / group).glob("*.yaml"))
+        assert options and all(f"{group}={option} " in text for option in options), group
+    assert "hardware (chosen: analytical)" in text and "data (chosen: digits)" in text  # with the overrides given
+    assert "--cfg job" in text and str(ROOT / "conf") in text and "ohq_lightning.log" in text
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_with_what_was_expected(tmp_path: Path) -> None:
+    import torch
+
+    source = build_model("resnet10t", num_classes=10)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "good.ckpt")
+    whole = (tmp_path / "good.ckpt").read_bytes()
+    contents = {
+        "notes.txt": b"not weights\n",
+        "truncated.ckpt": whole[: len(whole) // 2],
+        "random.pt": bytes(range(256)) * 4,
+        "fake.safetensors": b"not a safetensors file",
+    }
+    for name, content in contents.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(source, tmp_path / "pickled_model.pt")  # a whole module: its classes are not unpickled
+    causes = {
+        "notes.txt": "not a file torch.save or safetensors writes",
+        "truncated.ckpt": "empty or truncated",
+        "random.pt": "not a file torch.save or safetensors writes",
+        "fake.safetensors": "not a readable .safetensors file",
+        "pickled_model.pt": "pickled timm.models.resnet.ResNet, not only tensors",
+    }
+    for name, cause in causes.items():
+        with pytest.raises(ValueError) as caught:
+            build_model("resnet10t", num_classes=10, checkpoint=str(tmp_path / name))
+        message = str(caught.value)
+        assert "\n" not in message and f"model.checkpoint={str(tmp_path / name)!r} is not a checkpoint" in message
+        assert cause in message and "weights_only" not in message, message
+        assert (
+            "expected a state dict (torch.save(model.state_dict(), path)), a .safetensors file or a Lightning .ckpt"
+            in message
+        )
+
+
+@pytest.mark.parametrize("name", ["random.pt", "fake.safetensors"])
+def test_a_file_that_is_not_a_checkpoint_fails_in_one_line_before_training(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)) * 4 if name.endswith(".pt") else b"not a safetensors file")
+    run = tmp_path / "run"
+    result = run_cli("model.name=resnet10t", f"model.checkpoint={path}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"model.checkpoint={str(path)!r} is not a checkpoint" in errors[0], result.stderr
+    assert "expected a state dict" in errors[0]
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr + result.stdout
+    assert not (run / "float").exists() and not (run / "qat").exists()
+
+
+def test_an_imagefolder_class_without_images_fails_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            (root / split / label / "0.jpg").write_bytes(b"")  # ImageFolder goes by the names, not the contents
+    (root / "train" / "dog" / "0.jpg").unlink()
+    (root / "train" / "dog" / "notes.txt").write_text("no images here")
+    run = tmp_path / "run"
+    result = run_cli("data=imagefolder", f"data.root={root}", "train.epochs=0", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"no images in {root / 'train' / 'dog'};" in errors[0], result.stderr
+    assert "expected image files ending in .jpg, .jpeg, .png" in errors[0] and "Traceback" not in result.stderr
+    (root / "empty").mkdir()
+    (root / "empty" / "train").mkdir()
+    (root / "empty" / "val").mkdir()
+    with pytest.raises(ValueError, match=r"train has no class directories; expected .*/train/<class>/ holding image"):
+        build_data("imagefolder", root=str(root / "empty"))
 
 
 def test_infeasible_budget_exits_with_the_smallest_feasible_value(tmp_path: Path) -> None:

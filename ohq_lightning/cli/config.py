@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from ohq_lightning.cli.help import register_help
 from ohq_lightning.config import Budgets, SearchConfig
 
 __all__ = [
@@ -171,5 +172,6 @@ class JobConfig:
 
 
 def register_configs() -> None:
-    """Store the schema in Hydra's ``ConfigStore`` (as ``job_schema``); safe to call more than once."""
+    """Store the schema (as ``job_schema``) and the app's ``--help`` in Hydra's ``ConfigStore``; safe to repeat."""
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    register_help()

@@ -98,7 +98,7 @@ def _root(name: str, root: str | None) -> Path:
 
 
 def _imagefolder(root: str | None, image_size: int) -> tuple[Dataset, Dataset, int]:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     base = _root("imagefolder", root)
     splits = [base / "train", next((base / s for s in ("val", "validation", "test") if (base / s).is_dir()), None)]
@@ -123,11 +123,35 @@ def _imagefolder(root: str | None, image_size: int) -> tuple[Dataset, Dataset, i
             normalize,
         ]
     )
-    train = datasets.ImageFolder(str(splits[0]), transform=train_tf)
-    test = datasets.ImageFolder(str(splits[1]), transform=test_tf)
+    train, test = _image_folder(splits[0], train_tf), _image_folder(splits[1], test_tf)
     if train.classes != test.classes:
         raise ValueError(f"{splits[0]} and {splits[1]} hold different classes")
     return train, test, len(train.classes)
+
+
+def _image_folder(split: Path, transform: Callable[..., Any]) -> Dataset:
+    """torchvision's ``ImageFolder`` over ``split``; a class directory without images is named in one line."""
+    from torchvision import datasets
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    try:
+        return datasets.ImageFolder(str(split), transform=transform)
+    except FileNotFoundError as error:  # torchvision's own message, raised as a bare traceback
+        expected = f"image files ending in {', '.join(IMG_EXTENSIONS)}"
+        classes = sorted(path for path in split.iterdir() if path.is_dir())
+        if not classes:
+            raise ValueError(
+                f"data=imagefolder: {split} has no class directories; expected {split}/<class>/ holding {expected}"
+            ) from error
+        empty = [str(path) for path in classes if not _holds_images(path, IMG_EXTENSIONS)]
+        more = f" (and {len(empty) - 3} more)" if len(empty) > 3 else ""
+        where = ", ".join(empty[:3]) + more if empty else str(split)
+        raise ValueError(f"data=imagefolder: no images in {where}; expected {expected}") from error
+
+
+def _holds_images(directory: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether ``directory`` (searched recursively, as ``ImageFolder`` does) holds a file with an image extension."""
+    return any(path.is_file() and path.name.lower().endswith(extensions) for path in directory.rglob("*"))
 
 
 def _cifar10(root: str | None, image_size: int) -> tuple[Dataset, Dataset, int]:

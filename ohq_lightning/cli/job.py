@@ -227,10 +227,23 @@ class _NoTips(logging.Filter):
 
 
 def _quiet_lightning() -> None:
-    """One copy of each Lightning message: its own handler prints it; Hydra's root handler would print it again."""
+    """Each Lightning message once on the console and once in the job's log file (the plan table among them).
+
+    Lightning prints through its own handler; letting its messages reach Hydra's root handlers too
+    would print them twice, so they stop at Lightning's loggers, which are given the root's file
+    handlers (Hydra's ``ohq_lightning.log``). A ``-m`` sweep runs its jobs in one process: the file
+    handlers of an earlier job are taken off.
+    """
+    files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.propagate = False
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and handler not in files:
+                logger.removeHandler(handler)
+        for handler in files:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
         for handler in logger.handlers:
             if not any(isinstance(f, _NoTips) for f in handler.filters):
                 handler.addFilter(_NoTips())

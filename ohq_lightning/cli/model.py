@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,18 +56,48 @@ def _cached_pretrained_file(name: str) -> str:
     )
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+_EXPECTED = "expected a state dict (torch.save(model.state_dict(), path)), a .safetensors file or a Lightning .ckpt"
 
-        return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+
+def _not_a_checkpoint(path: Path, error: Exception) -> ValueError:
+    """One line naming the file, what it seems to be and what was expected (never torch's unpickling advice)."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        what = f"it holds a pickled {found.group(1)}, not only tensors (only tensors and plain containers are read)"
+    elif isinstance(error, EOFError) or "central directory" in text:
+        what = "the file is empty or truncated"
+    elif "PytorchStreamReader" in text:
+        what = "a damaged torch.save archive"
+    elif path.suffix == ".safetensors":
+        what = f"not a readable .safetensors file ({text.splitlines()[0] if text else type(error).__name__})"
+    else:
+        what = "not a file torch.save or safetensors writes"
+    return ValueError(f"model.checkpoint={str(path)!r} is not a checkpoint: {what}; {_EXPECTED}")
+
+
+def _read(path: Path) -> Any:
+    """The file's contents, parsed without running pickled code (``weights_only=True``)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with warnings.catch_warnings():  # a foreign pickle protocol: refused below, with one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to parse means the file is not a checkpoint we can read
+        raise _not_a_checkpoint(path, error) from error
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    data = _read(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
             break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} holds no state dict (tensors by name)")
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"model.checkpoint={str(path)!r} holds no state dict (tensors by name); {_EXPECTED}")
     return data
 
 
