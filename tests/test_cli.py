@@ -110,7 +110,20 @@ def test_ohq_config_builds_the_config_objects_and_they_check_its_values() -> Non
     assert ohq.budgets() == Budgets(compression_ratio=0.6)
     assert ohq.search_config() == SearchConfig(options=("w8a8", "w4a8"), seed=3)
     assert search_settings(ohq) == (Budgets(compression_ratio=0.6), SearchConfig(options=("w8a8", "w4a8"), seed=3))
-    assert search_settings(compose_job("ohq.plan=plan.json", "ohq.compression_ratio=0.6").ohq)[0] == Budgets()
+    with pytest.raises(ValueError, match=r"ohq.plan='missing.json' is not a file"):
+        search_settings(compose_job("ohq.plan=missing.json").ohq)
+
+
+def test_a_plan_file_with_budgets_beside_it_is_refused_not_silently_dropped(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    assert search_settings(compose_job(f"ohq.plan={plan}").ohq)[0] == Budgets()
+    with pytest.raises(ValueError, match=r"so ohq.compression_ratio, ohq.options would be ignored"):
+        search_settings(compose_job(f"ohq.plan={plan}", "ohq.compression_ratio=0.6", "ohq.options=[w8a8]").ohq)
+    result = run_cli(f"ohq.plan={plan}", "ohq.compression_ratio=0.5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: ohq.plan skips the search, so ohq.compression_ratio would be ignored" in result.stderr
+    assert not (tmp_path / "run" / "float").exists()  # refused before any training
     with pytest.raises(ValueError, match="compression_ratio must be a finite number > 0"):
         compose_job("ohq.compression_ratio=-0.5").ohq.budgets()
     with pytest.raises(ValueError, match="unknown sensitivity method 'kl'"):

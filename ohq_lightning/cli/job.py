@@ -41,13 +41,21 @@ def search_settings(ohq: OHQConfig) -> tuple[Budgets, SearchConfig]:
 
     Every value is checked here (a ``ValueError`` with a one-line message), and so is the objective
     (``minimize: sensitivity`` without a resource budget is refused), before any training starts.
-    With a ``plan`` the search is skipped and no budget is passed on.
+    With a ``plan`` the search is skipped: the plan file must exist, and a budget or ``options`` given
+    beside it (which it would ignore) is refused, as the callback refuses the same pair.
     """
     budgets, search = ohq.budgets(), ohq.search_config()
-    if ohq.plan is not None:
-        return Budgets(), search
-    search.objective(budgets)
-    return budgets, search
+    if ohq.plan is None:
+        search.objective(budgets)
+        return budgets, search
+    if not Path(ohq.plan).is_file():
+        raise ValueError(f"ohq.plan={ohq.plan!r} is not a file: expected a plan.json written by a search")
+    ignored = [f"ohq.{name}" for name in budgets.given()] + (["ohq.options"] if ohq.options is not None else [])
+    if ignored:
+        raise ValueError(
+            f"ohq.plan skips the search, so {', '.join(ignored)} would be ignored: give either ohq.plan or budgets"
+        )
+    return Budgets(), search
 
 
 def objective_record(ohq: OHQConfig) -> dict[str, Any]:
