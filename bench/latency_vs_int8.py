@@ -79,24 +79,6 @@ def train(name: str, weights: Path) -> dict[str, Any]:
     }
 
 
-def recording_target(runtime: str, threads: int, cache_dir: str) -> Any:
-    """A ``cpu`` target that keeps every cost table it returns: the first is the profile's, with its cache use."""
-    from dataclasses import dataclass, field
-
-    from ohq_lightning import CPUTarget
-
-    @dataclass(frozen=True)
-    class RecordingCPUTarget(CPUTarget):
-        tables: list = field(default_factory=list, compare=False, repr=False)
-
-        def costs_with_plans(self, *args: Any, **kwargs: Any) -> Any:
-            table = super().costs_with_plans(*args, **kwargs)
-            self.tables.append(table)
-            return table
-
-    return RecordingCPUTarget(runtime=runtime, threads=threads, progress=False, cache_dir=cache_dir)
-
-
 def measure(
     name: str,
     weights: str,
@@ -110,6 +92,8 @@ def measure(
 
     Each profile times in ``cache_dir``, or (None) in a fresh temporary directory, so it is cold.
     """
+    from profile_cost import RecordingCPUTarget  # the sibling bench: a cpu target that keeps its tables
+
     from ohq_lightning import search
     from ohq_lightning.cli.data import build_data
     from ohq_lightning.cli.evaluate import deployed_accuracy
@@ -129,7 +113,7 @@ def measure(
     for runtime in runtimes:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ohq-latency-vs-int8-") as fresh:
-            target = recording_target(runtime, threads, cache_dir or fresh)
+            target = RecordingCPUTarget(runtime=runtime, threads=threads, progress=False, cache_dir=cache_dir or fresh)
             plan = search(
                 network,
                 example,
@@ -141,7 +125,7 @@ def measure(
                 progress=False,
             )
         search_s = time.perf_counter() - started
-        profile = target.tables[0].meta["fit"]
+        profile = target.tables[0]["fit"]  # the profile's own table: its cache use
         builds = {"fp32": dict.fromkeys(names, "fp32"), "int8": dict.fromkeys(names, "w8a8"), "ohq": plan.assignment}
         deployed = [
             deploy_plan(network, assignment, example, runtime=runtime, calibration_inputs=large, threads=threads)

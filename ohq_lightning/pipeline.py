@@ -26,26 +26,20 @@ from ohq_lightning.layers import LayerTrace, trace_layers
 from ohq_lightning.plan import CostTable, QuantPlan, SensitivityTable, parse_options
 from ohq_lightning.sensitivity import compute_sensitivity
 from ohq_lightning.sensitivity.synthetic import example_tensor
-from ohq_lightning.solver import best_of, solve, uniform_as_run
+from ohq_lightning.solver import best_of, check_bound_option, solve, uniform_as_run
 
 __all__ = ["search"]
 
 
 def _check_bound_option(budgets: Budgets, given: Budgets, options: Sequence[str]) -> None:
     """Fail before any work when the sensitivity bound names an option that is not a candidate."""
-    bound = budgets.sensitivity_budget
-    if not isinstance(bound, str) or bound in options:
-        return
-    if given.sensitivity_budget is None:  # the default bound of minimising latency
-        raise ValueError(
+    if given.sensitivity_budget is None and budgets.sensitivity_budget not in (None, *options):
+        raise ValueError(  # the default bound of minimising latency: say where it came from
             f"minimising latency with no sensitivity_budget bounds the plan by uniform {DEFAULT_ACCURACY_BOUND}'s "
             f"total sensitivity, but {DEFAULT_ACCURACY_BOUND} is not a candidate option here ({list(options)}): "
             "give a sensitivity_budget or a resource budget, or add it to the options"
         )
-    raise ValueError(
-        f"sensitivity_budget={bound!r} bounds the plan by uniform {bound}'s total sensitivity, but {bound} is "
-        f"not a candidate option here ({list(options)})"
-    )
+    check_bound_option(budgets, options)
 
 
 def _check_mqe_inputs(example_inputs: Any) -> None:

@@ -53,6 +53,7 @@ Example:
 from ohq_lightning.solver._budgets import (
     BUDGETS,
     SWEEP_BUDGETS,
+    check_bound_option,
     resolve_sensitivity_budget,
     uniform_as_run,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "SWEEP_BUDGETS",
     "InfeasibleBudgetError",
     "best_of",
+    "check_bound_option",
     "pareto_sweep",
     "resolve_sensitivity_budget",
     "solve",

@@ -17,6 +17,7 @@ __all__ = [
     "BUDGETS",
     "SWEEP_BUDGETS",
     "budgets_of",
+    "check_bound_option",
     "resolve_sensitivity_budget",
     "uniform_as_run",
 ]
@@ -56,6 +57,16 @@ def uniform_as_run(costs: CostTable, scores: SensitivityTable, option: str, opti
     return assignment
 
 
+def check_bound_option(budgets: Budgets, options: Sequence[str]) -> None:
+    """``ValueError`` when ``sensitivity_budget`` names an option that is not one of the candidate ``options``."""
+    option = budgets.sensitivity_budget
+    if isinstance(option, str) and option not in options:
+        raise ValueError(
+            f"sensitivity_budget={option!r} bounds the plan by uniform {option}'s total sensitivity, but {option} is "
+            f"not a candidate option here ({list(options)})"
+        )
+
+
 def resolve_sensitivity_budget(
     budgets: Budgets, scores: SensitivityTable, options: Sequence[str], costs: CostTable
 ) -> Budgets:
@@ -68,11 +79,7 @@ def resolve_sensitivity_budget(
     option = budgets.sensitivity_budget
     if not isinstance(option, str):
         return budgets
-    if option not in options:
-        raise ValueError(
-            f"sensitivity_budget={option!r} bounds the plan by uniform {option}'s total sensitivity, but {option} is "
-            f"not a candidate option here ({list(options)})"
-        )
+    check_bound_option(budgets, options)
     assignment = uniform_as_run(costs, scores, option, options)
     terms = {layer: scores.scores[layer][chosen] for layer, chosen in assignment.items()}
     bad = [f"{layer} at {assignment[layer]}" for layer, value in terms.items() if not math.isfinite(float(value))]
