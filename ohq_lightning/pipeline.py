@@ -299,5 +299,6 @@ def search(
         plans_measured_in_refinement=len(measured),
         uniform=_uniform_predictions(costs, scores, options),
         latency_limit_ms=_latency_limit(costs, options),
+        latency_anchor=costs.meta.get("anchor"),
     )
     return plan

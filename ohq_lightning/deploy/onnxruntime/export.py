@@ -20,7 +20,15 @@ from torch import nn
 from ohq_lightning.deploy.example_call import ExampleCall
 from ohq_lightning.layers import preserved_state
 
-__all__ = ["QUANTIZABLE_OPS", "constant_value", "export_onnx", "layer_nodes", "output_anchor", "scope_path"]
+__all__ = [
+    "QUANTIZABLE_OPS",
+    "constant_value",
+    "consumers_of",
+    "export_onnx",
+    "layer_nodes",
+    "output_anchor",
+    "scope_path",
+]
 
 #: The ONNX ops a quantizable layer becomes.
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -95,10 +103,22 @@ def constant_value(onnx_model: Any, name: str) -> np.ndarray | None:
     return None
 
 
-def output_anchor(graph: Any, node: Any) -> Any:
+def consumers_of(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it (each once, in graph order)."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.graph.node:
+        for tensor in dict.fromkeys(node.input):
+            readers.setdefault(tensor, []).append(node)
+    return readers
+
+
+def output_anchor(graph: Any, node: Any, consumers: dict[str, list[Any]] | None = None) -> Any:
     """The node whose output gets the layer's output quantize/dequantize: the layer itself, or the
-    ``Relu``/``Clip`` right after it when that is its only consumer (ORT folds it into the int8 kernel)."""
-    consumers = [other for other in graph.graph.node if node.output[0] in other.input]
+    ``Relu``/``Clip`` right after it when that is its only consumer (ORT folds it into the int8 kernel).
+
+    ``consumers`` (:func:`consumers_of` the graph) saves a scan of the graph when asking for many nodes.
+    """
+    consumers = (consumers_of(graph) if consumers is None else consumers).get(node.output[0], [])
     graph_outputs = {value.name for value in graph.graph.output}
     if len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip") and node.output[0] not in graph_outputs:
         return consumers[0]

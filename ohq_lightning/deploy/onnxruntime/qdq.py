@@ -25,11 +25,12 @@ rounding of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ohq_lightning.deploy.onnxruntime.export import constant_value, layer_nodes, output_anchor
+from ohq_lightning.deploy.onnxruntime.export import constant_value, consumers_of, layer_nodes, output_anchor
 from ohq_lightning.deploy.onnxruntime.ranges import ActivationRange
 from ohq_lightning.deploy.onnxruntime.weights import FixedQuantization, fixed_weight, quantize_weight_per_channel
 from ohq_lightning.plan import Option
@@ -66,13 +67,22 @@ class QDQBuilder:
         self.ranges = dict(ranges)
         self.fixed = dict(fixed or {})
         self._weights: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._biases: dict[str, np.ndarray | None] = {}
+        nodes = list(onnx_model.graph.node)
+        # indexes of the float graph (never modified), so that a build is linear in the graph's size
+        self._index = {output: position for position, node in enumerate(nodes) for output in node.output}
+        self._consumers = consumers_of(onnx_model)
+        self._graph_outputs = {value.name for value in onnx_model.graph.output}
 
-    def build(self, options: Mapping[str, str]) -> Any:
+    def build(self, options: Mapping[str, str], *, check: bool = True) -> Any:
         """A copy of the graph where every layer with an integer option is in QDQ form.
 
         Args:
             options: layer name -> option name (``"w8a8"``, ``"w4a8"``, ``"fp32"``...); float options
                 and layers not named stay float.
+            check: run ``onnx.checker.check_model`` on the result. A caller building many mixes of one
+                graph (the cpu target) checks the build that rewrites every layer and skips the rest:
+                a mix only leaves some of the same rewrites out.
 
         Raises:
             ValueError: a layer not in the graph or without ranges, or an option ORT's integer kernels
@@ -85,26 +95,19 @@ class QDQBuilder:
         missing = sorted(set(integer) - set(original))
         if missing:
             raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
-        output_grids = {  # decided on the unmodified graph, before any node is rewired
-            (name, index): self._output_qparams(node, integer, original)
-            for name in integer
-            for index, node in enumerate(original[name])
-        }
-        model = onnx.ModelProto()
-        model.CopyFrom(self.graph)
-        nodes = layer_nodes(model, list(integer))
+        rewrites: dict[int, _Rewrite] = {}
         for name, option in integer.items():
+            assert option.weight_bits is not None
             x_qparams = self._input_qparams(name)
-            for index, node in enumerate(nodes[name]):
-                assert option.weight_bits is not None
-                y_qparams = output_grids[(name, index)]
+            for index, node in enumerate(original[name]):
+                y_qparams = self._output_qparams(node, integer, original)  # decided on the unmodified graph
                 if y_qparams is None and node.op_type != "Gemm":  # ORT's QGemm can write float: no requantization
                     y_qparams = self.ranges[name][1].qparams()
-                self._quantize_node(model, f"{name}#{index}", node, option.weight_bits, x_qparams, y_qparams)
-        used = {tensor for node in model.graph.node for tensor in node.input}
-        for init in [init for init in model.graph.initializer if init.name not in used]:
-            model.graph.initializer.remove(init)  # the float weights and biases the QDQ copies replaced
-        onnx.checker.check_model(model)
+                position = self._index[node.output[0]]
+                rewrites[position] = self._rewrite(f"{name}#{index}", node, option.weight_bits, x_qparams, y_qparams)
+        model = _rewritten_copy(self.graph, rewrites)
+        if check:
+            onnx.checker.check_model(model)
         return model
 
     def _integer_options(self, options: Mapping[str, str]) -> dict[str, Option]:
@@ -123,12 +126,12 @@ class QDQBuilder:
 
     def _weight(self, tag: str, node: Any, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The layer's int8 weights, step sizes and DequantizeLinear axis at ``bits`` (computed once per layer)."""
-        weight = constant_value(self.graph, node.input[1])
-        if weight is None:
-            raise ValueError(f"layer {tag!r}: its weight is not a constant of the exported graph")
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node))
         key = (tag, bits)
         if key not in self._weights:
+            weight = constant_value(self.graph, node.input[1])
+            if weight is None:
+                raise ValueError(f"layer {tag!r}: its weight is not a constant of the exported graph")
             weight = weight.T if transposed else weight
             fixed = self.fixed.get(tag)
             learned = None
@@ -140,35 +143,45 @@ class QDQBuilder:
         w_q, w_scale = self._weights[key]
         return w_q, w_scale, 1 if transposed else 0
 
+    def _bias(self, node: Any) -> np.ndarray | None:
+        """The node's constant bias (its third input), read once per node."""
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        if node.input[2] not in self._biases:
+            self._biases[node.input[2]] = constant_value(self.graph, node.input[2])
+        return self._biases[node.input[2]]
+
     def _input_qparams(self, name: str) -> QParams:
         fixed = self.fixed.get(name)
         if fixed is not None and fixed.input_qparams is not None:
             return fixed.input_qparams
         return self.ranges[name][0].qparams()
 
+    def _anchor_index(self, position: int) -> int:
+        """The position of the node whose output carries the layer's output quantization (see ``output_anchor``)."""
+        node = self.graph.graph.node[position]
+        return self._index[output_anchor(self.graph, node, self._consumers).output[0]]
+
     def _output_qparams(
         self, node: Any, integer: Mapping[str, Option], nodes: Mapping[str, list[Any]]
     ) -> QParams | None:
         """The input grid shared by every consumer of ``node``'s (anchored) output, when all of them are
         integer layers of this build that agree on one grid; else ``None`` (use the observed range)."""
-        output = output_anchor(self.graph, node).output[0]
-        if output in {value.name for value in self.graph.graph.output}:
+        output = output_anchor(self.graph, node, self._consumers).output[0]
+        if output in self._graph_outputs:
             return None
-        layer_of = {id(n): name for name, group in nodes.items() for n in group}
+        layer_at = {self._index[n.output[0]]: name for name, group in nodes.items() for n in group}
         grids = set()
-        for consumer in self.graph.graph.node:
-            if output not in consumer.input:
-                continue
-            name = layer_of.get(id(consumer))
+        for consumer in self._consumers.get(output, []):
+            name = layer_at.get(self._index[consumer.output[0]]) if consumer.output else None
             if name is None or name not in integer or list(consumer.input).index(output) != 0:
                 return None
             grids.add(self._input_qparams(name))
         return grids.pop() if len(grids) == 1 else None
 
-    def _quantize_node(
-        self, model: Any, tag: str, node: Any, bits: int, x_qparams: QParams, y_qparams: QParams | None
-    ) -> None:
-        """Rewrite ``node`` in QDQ form in place; ``y_qparams`` ``None`` leaves its output in float."""
+    def _rewrite(self, tag: str, node: Any, bits: int, x_qparams: QParams, y_qparams: QParams | None) -> _Rewrite:
+        """How ``node`` becomes QDQ: the nodes before it, its new inputs, and (unless ``y_qparams`` is
+        ``None``, which leaves its output in float) the output quantization after its anchor."""
         from onnx import helper, numpy_helper  # deferred: onnx is heavy to import
 
         x_scale, x_zp = x_qparams
@@ -186,22 +199,66 @@ class QDQBuilder:
             _dequantize(f"{tag}.w", f"{tag}.wd", axis=axis),
         ]
         inputs = [f"{tag}.xd", f"{tag}.wd"]
-        bias = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = self._bias(node)
         if bias is not None and node.op_type != "MatMul":
             inits += _bias_initializers(tag, bias, (w_scale * x_scale).astype(np.float32))
             pre.append(_dequantize(f"{tag}.b", f"{tag}.bd", axis=0))
             inputs.append(f"{tag}.bd")
         elif len(node.input) > 2:
             inputs.append(node.input[2])
-        del node.input[:]
-        node.input.extend(inputs)
-        nodes = model.graph.node
-        position = list(nodes).index(node)
-        for offset, new in enumerate(pre):
-            nodes.insert(position + offset, new)
+        anchor = self._anchor_index(self._index[node.output[0]])
+        post: list[Any] = []
         if y_qparams is not None:
-            inits += _requantize_output(model, tag, node, y_qparams)
-        model.graph.initializer.extend(inits)
+            post, y_inits = _requantize_output(tag, self.graph.graph.node[anchor], y_qparams)
+            inits += y_inits
+        return _Rewrite(tag, pre, inputs, anchor, post, inits)
+
+
+@dataclass
+class _Rewrite:
+    """One layer node in QDQ form: ``pre`` nodes before it, its new ``inputs``, and ``post`` (its output
+    quantization, if any) after the node at position ``anchor``, whose output becomes ``{tag}.y``; the
+    new ``initializers``."""
+
+    tag: str
+    pre: list[Any]
+    inputs: list[str]
+    anchor: int
+    post: list[Any]
+    initializers: list[Any]
+
+
+def _rewritten_copy(graph: Any, rewrites: Mapping[int, _Rewrite]) -> Any:
+    """A copy of ``graph`` with the rewrites (by node position) applied, in one pass over its nodes;
+    the float weights and biases the QDQ copies replaced are dropped."""
+    import onnx  # deferred: onnx is heavy to import
+
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    del model.graph.node[:]
+    del model.graph.initializer[:]
+    after = {rewrite.anchor: rewrite for rewrite in rewrites.values() if rewrite.post}
+    nodes: list[Any] = []
+    for position, original in enumerate(graph.graph.node):
+        rewrite, anchored = rewrites.get(position), after.get(position)
+        if rewrite is None and anchored is None:
+            nodes.append(original)
+            continue
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        if rewrite is not None:
+            nodes += rewrite.pre
+            del node.input[:]
+            node.input.extend(rewrite.inputs)
+        nodes.append(node)
+        if anchored is not None:
+            node.output[0] = f"{anchored.tag}.y"
+            nodes += anchored.post
+    model.graph.node.extend(nodes)
+    used = {tensor for node in nodes for tensor in node.input}
+    model.graph.initializer.extend(init for init in graph.graph.initializer if init.name in used)
+    model.graph.initializer.extend(init for rewrite in rewrites.values() for init in rewrite.initializers)
+    return model
 
 
 def _bias_initializers(tag: str, bias: np.ndarray, b_scale: np.ndarray) -> list[Any]:
@@ -217,26 +274,21 @@ def _bias_initializers(tag: str, bias: np.ndarray, b_scale: np.ndarray) -> list[
     ]
 
 
-def _requantize_output(model: Any, tag: str, node: Any, y_qparams: QParams) -> list[Any]:
-    """Insert ``QuantizeLinear -> DequantizeLinear`` after ``node``'s output anchor; returns their initializers."""
+def _requantize_output(tag: str, anchor: Any, y_qparams: QParams) -> tuple[list[Any], list[Any]]:
+    """``QuantizeLinear -> DequantizeLinear`` after ``anchor`` (whose output becomes ``{tag}.y``), ending
+    in the anchor's output tensor: the two nodes, and their steps and zero points."""
     from onnx import helper, numpy_helper  # deferred: onnx is heavy to import
 
     y_scale, y_zp = y_qparams
-    anchor = output_anchor(model, node)
-    output = anchor.output[0]
-    anchor.output[0] = f"{tag}.y"
     post = [
         helper.make_node("QuantizeLinear", [f"{tag}.y", f"{tag}.y_scale", f"{tag}.y_zp"], [f"{tag}.yq"]),
-        helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [output]),
+        helper.make_node("DequantizeLinear", [f"{tag}.yq", f"{tag}.y_scale", f"{tag}.y_zp"], [anchor.output[0]]),
     ]
-    nodes = model.graph.node
-    position = list(nodes).index(anchor)
-    for offset, new in enumerate(post):
-        nodes.insert(position + 1 + offset, new)
-    return [
+    inits = [
         numpy_helper.from_array(np.array(y_scale, np.float32), f"{tag}.y_scale"),
         numpy_helper.from_array(np.array(y_zp, np.uint8), f"{tag}.y_zp"),
     ]
+    return post, inits
 
 
 def quantize_onnx_layers(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ohq_lightning.deploy.base import to_numpy
-from ohq_lightning.deploy.onnxruntime.export import layer_nodes, output_anchor
+from ohq_lightning.deploy.onnxruntime.export import consumers_of, layer_nodes, output_anchor
 from ohq_lightning.deploy.onnxruntime.session import ort_session
 from ohq_lightning.quant.fake_quant import CLIP_RATIOS
 
@@ -59,7 +59,10 @@ def activation_ranges(
     missing = sorted(set(layer_names) - set(nodes))
     if missing:
         raise ValueError(f"layers {missing} have no Conv/Gemm/MatMul node in the exported graph")
-    anchors = {id(node): output_anchor(onnx_model, node).output[0] for group in nodes.values() for node in group}
+    readers = consumers_of(onnx_model)
+    anchors = {
+        id(node): output_anchor(onnx_model, node, readers).output[0] for group in nodes.values() for node in group
+    }
     tensors = sorted({n.input[0] for group in nodes.values() for n in group} | set(anchors.values()))
     session = ort_session(_probe_graph(onnx_model, tensors).SerializeToString(), threads)
     low, high = _extremes(session, batches, tensors)

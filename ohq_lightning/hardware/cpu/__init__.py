@@ -18,6 +18,6 @@ Modules: :mod:`.target` (:class:`CPUTarget`), :mod:`.fit` (the additive model an
 """
 
 from ohq_lightning.hardware.cpu._runtimes import RUNTIMES
-from ohq_lightning.hardware.cpu.target import CPU_OPTIONS, CPUTarget
+from ohq_lightning.hardware.cpu.target import CPU_OPTIONS, DEFAULT_TIMING, CPUTarget
 
-__all__ = ["CPU_OPTIONS", "RUNTIMES", "CPUTarget"]
+__all__ = ["CPU_OPTIONS", "DEFAULT_TIMING", "RUNTIMES", "CPUTarget"]

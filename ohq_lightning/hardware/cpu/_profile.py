@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from ohq_lightning._util.progress import progress_bar
@@ -12,22 +14,38 @@ from ohq_lightning._util.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.hardware.cache import TimingCache
 from ohq_lightning.hardware.cpu._runtimes import Deployment
 
-__all__ = ["REFERENCE", "Profiler"]
+__all__ = ["GRAPHS_PER_RUN", "REFERENCE", "Profiler"]
 
 REFERENCE = "reference:fp32_ms"
 """Cache key of the FP32 graph's latency; bump when what a sample measures changes, so old caches are not reused."""
+
+GRAPHS_PER_RUN = 4
+"""Mixes timed together in one interleaved run with the FP32 graph: the FP32 timing, which every ratio
+needs, is paid once per run instead of once per mix."""
 
 
 class Profiler:
     """Times plans (bit strings: ``"1"`` for an integer layer) of one deployment and caches the timings.
 
-    A sample's timing is the ratio of its latency to the all-FP32 graph's, timed alternately with
-    it, so that the drift of a shared machine cancels out; :meth:`measured` turns the ratios back
-    into milliseconds with the median FP32 latency seen. Ratios are worthless without that FP32
-    latency: a cache holding samples but no :data:`REFERENCE` is rebuilt with a warning.
+    A sample's timing is the ratio of its latency to the all-FP32 graph's, timed in turn with it
+    (and with up to :data:`GRAPHS_PER_RUN` - 1 other mixes) in one run, so that the drift of a shared
+    machine cancels out; :meth:`measured` turns the ratios back into milliseconds with the median FP32
+    latency seen. Ratios are worthless without that FP32 latency: a cache holding samples but no
+    :data:`REFERENCE` is rebuilt with a warning.
+
+    ``timing`` applies per graph: a run of ``k`` graphs may time for ``timing.max_seconds x k / 2``
+    (the budget of a pair, one mix and FP32, scaled to the graphs it times).
     """
 
-    def __init__(self, deployment: Deployment, cache: TimingCache, timing: TimingSettings, *, progress: bool) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        cache: TimingCache,
+        timing: TimingSettings,
+        *,
+        progress: bool,
+        graphs_per_run: int = GRAPHS_PER_RUN,
+    ) -> None:
         self.deployment = deployment
         self.cache = cache
         if len(cache) and cache.get(REFERENCE) is None:
@@ -38,45 +56,93 @@ class Profiler:
             cache.clear()
         self.timing = timing
         self.progress = progress
+        self.graphs_per_run = graphs_per_run
         self._reference: Callable[[], Any] | None = None  # built on the first timing: a cached profile builds none
         self._reference_ms: list[float] = []
+        self._cached_reference = cache.get(REFERENCE)
 
-    def time(self, bits: str) -> Timing:
-        """One sample: the plan's latency as a ratio to the FP32 graph timed alternately with it."""
+    def time_together(self, runners: Sequence[Callable[[], Any]]) -> list[Timing]:
+        """One interleaved run of ``runners`` and the FP32 graph: each runner's median as a ratio to FP32's."""
         if self._reference is None:
             self._reference = self.deployment.reference()
-        timed, ref = time_interleaved([self.deployment.build(bits), self._reference], self.timing)
+        fns = [*runners, self._reference]
+        settings = dataclasses.replace(self.timing, max_seconds=self.timing.max_seconds * len(fns) / 2)
+        *timed, ref = time_interleaved(fns, settings)
         self._reference_ms.append(ref.median_ms)
-        return Timing(timed.median_ms / ref.median_ms, timed.spread, timed.repeats)
-
-    def median_of_three(self, bits: str, first: Timing | None = None) -> Timing:
-        """The median of three samples of ``bits`` (``first``, if given, is one of them)."""
-        timings = [first or self.time(bits), self.time(bits), self.time(bits)]
-        return sorted(timings, key=lambda timing: timing.median_ms)[1]
+        return [Timing(timing.median_ms / ref.median_ms, timing.spread, timing.repeats) for timing in timed]
 
     def measure(self, todo: Sequence[str], picked: Collection[str]) -> None:
-        """Time every plan of ``todo`` (those in ``picked`` three times), saving every ten so a profile can resume."""
-        for done, bits in enumerate(
-            progress_bar(todo, desc="timing the deployed network on this CPU (OQA)", enabled=self.progress)
-        ):
-            self.cache.put(bits, self.median_of_three(bits) if bits in picked else self.time(bits))
-            if done % 10 == 9:
-                self._save()  # an interrupted profile resumes from here
-        self._save()
+        """Time every plan of ``todo`` (those in ``picked`` three times), saving as it goes so a profile can resume."""
+        once = [bits for bits in todo if bits not in picked]
+        for chunk in self._runs(once, "timing the deployed network on this CPU (OQA)"):
+            for bits, timing in zip(chunk, self.time_together([self.deployment.build(b) for b in chunk]), strict=True):
+                self.cache.put(bits, timing)
+            self._save()  # an interrupted profile resumes from here
+        self._median_of_three([bits for bits in todo if bits in picked], "timing the picked plans (OQA)")
 
     def retime(self, plans: Sequence[str]) -> None:
         """Time each plan twice more and keep the median of its three timings."""
-        for bits in progress_bar(plans, desc="re-timing the least certain graphs (OQA)", enabled=self.progress):
-            self.cache.put(bits, self.median_of_three(bits, self.cache.get(bits)))
-        if plans:
-            self._save()
+        self._median_of_three(plans, "re-timing the least certain graphs (OQA)", first=True)
 
-    def measured(self, plans: Sequence[str]) -> dict[str, float]:
-        """The cached latency (ms) of each plan: its ratio times the FP32 graph's latency."""
-        fp32_ms = self.cache.get(REFERENCE).median_ms  # type: ignore[union-attr]
+    def measured(self, plans: Sequence[str], fp32_ms: float | None = None) -> dict[str, float]:
+        """The cached latency (ms) of each plan: its ratio times ``fp32_ms`` (default: the cached FP32 reference)."""
+        if fp32_ms is None:
+            fp32_ms = self.cache.get(REFERENCE).median_ms  # type: ignore[union-attr]
         return {bits: self.cache.get(bits).median_ms * fp32_ms for bits in plans}  # type: ignore[union-attr]
 
+    def _median_of_three(self, plans: Sequence[str], desc: str, *, first: bool = False) -> None:
+        """Each plan timed in three runs (its graph built once) and the median kept; with ``first``, the
+        cached timing counts as one of the three."""
+        for chunk in self._runs(plans, desc):
+            runners = [self.deployment.build(bits) for bits in chunk]
+            runs = [self.time_together(runners) for _ in range(2 if first else 3)]
+            for index, bits in enumerate(chunk):
+                timings = [run[index] for run in runs] + ([self.cache.get(bits)] if first else [])
+                self.cache.put(bits, sorted(timings, key=lambda timing: timing.median_ms)[1])  # type: ignore[arg-type]
+            self._save()
+
+    def _runs(self, plans: Sequence[str], desc: str) -> Iterator[list[str]]:
+        """``plans`` in chunks of :attr:`graphs_per_run`, behind a progress bar counting graphs."""
+        with progress_bar(None, desc=desc, total=len(plans), enabled=self.progress and bool(plans)) as bar:
+            for start in range(0, len(plans), self.graphs_per_run):
+                chunk = list(plans[start : start + self.graphs_per_run])
+                yield chunk
+                bar.update(len(chunk))
+
+    def anchor(self, count: int) -> dict[str, Any]:
+        """A fresh timing of the FP32 graph (in turn with the all-INT8 graph, as the profile times), to
+        anchor the milliseconds: ratios keep for the lifetime of a cache, the machine's speed does not.
+
+        ``count`` is the number of layers. Returns the anchor's FP32 and INT8 milliseconds and INT8 ratio,
+        the cached FP32 reference, the FP32 milliseconds of this call's runs (first, last, median: the
+        drift within a profile), and when the anchor was taken.
+        """
+        runs_before = list(self._reference_ms)
+        (int8,) = self.time_together([self.deployment.build("1" * count)])
+        fp32_ms = self._reference_ms[-1]
+        profile = self.cache.get(REFERENCE)
+        return {
+            "fp32_ms": fp32_ms,
+            "int8_ms": int8.median_ms * fp32_ms,
+            "int8_ratio": int8.median_ms,
+            "profile_fp32_ms": None if profile is None else profile.median_ms,
+            "this_call_runs_fp32_ms": _first_last(runs_before),
+            "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
     def _save(self) -> None:
+        """Persist the timings, with the FP32 median over every run so far (a cached reference counts as
+        its number of runs at its median, so a few later runs refine it rather than replace it)."""
         if self._reference_ms:
-            self.cache.put(REFERENCE, Timing(statistics.median(self._reference_ms), 0.0, len(self._reference_ms)))
+            earlier = self._cached_reference
+            runs = [earlier.median_ms] * earlier.repeats if earlier is not None else []
+            runs += self._reference_ms
+            self.cache.put(REFERENCE, Timing(statistics.median(runs), 0.0, len(runs)))
         self.cache.save()
+
+
+def _first_last(runs: Sequence[float]) -> dict[str, float] | None:
+    """The FP32 milliseconds of the first and last runs and their median (how the machine drifted), if any."""
+    if not runs:
+        return None
+    return {"first": runs[0], "last": runs[-1], "median": statistics.median(runs), "runs": len(runs)}

@@ -89,9 +89,14 @@ def _onnxruntime(
     def reference() -> Callable[[], Any]:
         return functools.partial(ort_session(graph.SerializeToString(), threads).run, None, feed)
 
+    @functools.cache
+    def check_rewrites() -> None:
+        builder.build(dict.fromkeys(names, "w8a8"))  # every layer's rewrite checked once; mixes leave some out
+
     def build(bits: str) -> Callable[[], Any]:
+        check_rewrites()
         chosen = {name: "w8a8" for name, bit in zip(names, bits, strict=True) if bit == "1"}
-        session = ort_session(builder.build(chosen).SerializeToString(), threads)
+        session = ort_session(builder.build(chosen, check=False).SerializeToString(), threads)
         return functools.partial(session.run, None, feed)
 
     return Deployment(
