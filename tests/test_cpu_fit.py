@@ -292,4 +292,6 @@ def test_the_cpu_target_rebuilds_a_cache_that_parses_but_cannot_be_used(tmp_path
     warm = target.costs(layers, model=model, example_inputs=example)  # the rebuilt file is good again
     assert warm.meta["fit"]["measured_now"] == 0
     scale = warm.meta["anchor"]["fp32_ms"] / table.meta["anchor"]["fp32_ms"]  # each call anchors afresh
-    assert warm.base_latency_ms == pytest.approx(table.base_latency_ms * scale, rel=1e-6)
+    assert warm.base_latency_ms == pytest.approx(
+        table.base_latency_ms * scale, rel=1e-3
+    )  # lsq_linear stops at its own tolerance

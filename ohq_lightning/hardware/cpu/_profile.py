@@ -19,7 +19,7 @@ __all__ = ["GRAPHS_PER_RUN", "REFERENCE", "Profiler"]
 REFERENCE = "reference:fp32_ms"
 """Cache key of the FP32 graph's latency; bump when what a sample measures changes, so old caches are not reused."""
 
-GRAPHS_PER_RUN = 4
+GRAPHS_PER_RUN = 6
 """Mixes timed together in one interleaved run with the FP32 graph: the FP32 timing, which every ratio
 needs, is paid once per run instead of once per mix."""
 

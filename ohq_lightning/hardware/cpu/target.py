@@ -32,7 +32,7 @@ _P_INTEGER = (0.2, 0.5, 0.8)
 DEFAULT_TIMING = TimingSettings(warmup=2, min_repeats=8, max_seconds=1.0, rel_spread=0.015)
 """How long the cpu target times each graph: until each median is known to about 1.5% (its relative
 interquartile range over sqrt(repeats)), at least 8 calls, at most 1 s a graph. The additive fit has
-about 1.5 samples per unknown, so noise of that size moves its predictions by about 1.5%: well inside
+about 1.25 samples per unknown, so noise of that size moves its predictions by about 2%: well inside
 the 10% that ``bench/oqa_fidelity.py`` allows, where a longer timing per graph would cost time and buy
 nothing the fit's own error (a few percent) does not swamp."""
 _METHOD = "in-context-qdq-v3-batched-ratio-to-fp32"
@@ -69,7 +69,7 @@ class CPUTarget:
     threads: int = 1
     engine: str = "x86"
     options: tuple[str, ...] = CPU_OPTIONS
-    samples_per_layer: float = 3.0
+    samples_per_layer: float = 2.5
     timing: TimingSettings = field(default_factory=lambda: DEFAULT_TIMING)
     cache_dir: str | Path | bool | None = None
     force: bool = False
