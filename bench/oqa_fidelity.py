@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--runtime", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
     parser.add_argument("--engine", default="x86", help="torch's quantized engine (torch runtime only)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--samples-per-layer", type=float, default=3.0)
+    parser.add_argument("--samples-per-layer", type=float, default=CPUTarget.samples_per_layer)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     set_threads(args.threads)

@@ -165,6 +165,7 @@ def bench_model(name: str, size: int, threads: int, repeats: int, cache_dir: str
         "refinement_settled": plan.meta.get("refinement_settled"),
         "plans_measured_in_refinement": plan.meta.get("plans_measured_in_refinement"),
         "plan_measured": plan.meta.get("plan_measured"),
+        "latency_anchor": plan.meta.get("latency_anchor"),
         "runtime_version": target.tables[0].get("runtime_version"),
     }
 

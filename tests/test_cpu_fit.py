@@ -23,6 +23,7 @@ from test_solver_transitions import all_plans, close, meets
 from ohq_lightning._util.timing import Timing, TimingSettings
 from ohq_lightning.hardware import CPUTarget
 from ohq_lightning.hardware.cache import TimingCache
+from ohq_lightning.hardware.cpu import fit as fit_module
 from ohq_lightning.hardware.cpu._profile import REFERENCE, Profiler
 from ohq_lightning.hardware.cpu.fit import design_row, fit_additive
 from ohq_lightning.layers import trace_layers
@@ -295,3 +296,17 @@ def test_the_cpu_target_rebuilds_a_cache_that_parses_but_cannot_be_used(tmp_path
     assert warm.base_latency_ms == pytest.approx(
         table.base_latency_ms * scale, rel=1e-3
     )  # lsq_linear stops at its own tolerance
+
+
+def test_the_fit_keeps_close_to_the_uniform_plans_where_the_mixes_disagree_with_them(monkeypatch):
+    # an all-INT8 graph faster than the sum of its parts (ORT fuses more when every layer is integer):
+    # the additive model cannot fit it and the mixes alone; the uniform plans weigh more, so it stays close
+    samples = target_samples(COUNT, seed=0)
+    measured = {bits: true_latency(bits) for bits in samples}
+    measured["1" * COUNT] -= 0.8
+    weighted = fit_additive(measured, COUNT, seed=0)
+    weighted_miss = abs(weighted.predict("1" * COUNT) - measured["1" * COUNT])
+    monkeypatch.setattr(fit_module, "_weights", lambda keys, count: np.ones(len(keys)))
+    plain = fit_additive(measured, COUNT, seed=0)
+    plain_miss = abs(plain.predict("1" * COUNT) - measured["1" * COUNT])
+    assert weighted_miss < 0.25 * 0.8 and weighted_miss < 0.5 * plain_miss

@@ -44,8 +44,9 @@ def test_a_second_profile_reads_the_cache_and_force_measures_again(traced, tmp_p
     cold = first.costs(layers, model=model, example_inputs=example)
     warm = first.costs(layers, model=model, example_inputs=example)
     assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
-    # the same ratios, anchored on a fresh FP32 timing taken by each call
+    # the same ratios, anchored on a fresh FP32 timing taken by each call (a cached one times it on purpose)
     assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
+    assert "last" in cold.meta["anchor"]["from"] and "all-INT8" in warm.meta["anchor"]["from"]
     scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
     assert warm.base_latency_ms == pytest.approx(
         cold.base_latency_ms * scale, rel=1e-3
@@ -156,8 +157,9 @@ def test_the_torch_runtime_reads_its_own_cache_on_a_second_profile(traced, tmp_p
     cold = target.costs(layers, model=model, example_inputs=example)
     warm = target.costs(layers, model=model, example_inputs=example)
     assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
-    # the same ratios, anchored on a fresh FP32 timing taken by each call
+    # the same ratios, anchored on a fresh FP32 timing taken by each call (a cached one times it on purpose)
     assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
+    assert "last" in cold.meta["anchor"]["from"] and "all-INT8" in warm.meta["anchor"]["from"]
     scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
     assert warm.base_latency_ms == pytest.approx(
         cold.base_latency_ms * scale, rel=1e-3

@@ -20,8 +20,26 @@ def test_time_callable_stops_at_the_cap():
     assert time.perf_counter() - started < 1.0 and 3 <= timing.repeats < 10_000
 
 
+def test_a_fast_operation_is_timed_for_at_least_min_seconds():
+    # the stopping rule would end this at min_repeats (a constant operation has no spread); min_seconds holds it
+    settings = TimingSettings(warmup=0, min_repeats=3, max_repeats=100_000, max_seconds=1.0, min_seconds=0.05)
+    started = time.perf_counter()
+    timing = time_callable(lambda: None, settings)
+    assert time.perf_counter() - started >= 0.05 and timing.repeats > 100
+    quick = time_callable(lambda: None, TimingSettings(warmup=0, min_repeats=3, max_seconds=1.0))
+    assert quick.repeats < timing.repeats
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"min_repeats": 0}, {"max_repeats": 2, "min_repeats": 5}, {"max_seconds": 0}, {"rel_spread": -1}]
+    "kwargs",
+    [
+        {"min_repeats": 0},
+        {"max_repeats": 2, "min_repeats": 5},
+        {"max_seconds": 0},
+        {"rel_spread": -1},
+        {"min_seconds": -0.1},
+        {"min_seconds": 2.0, "max_seconds": 1.0},
+    ],
 )
 def test_bad_timing_settings_are_rejected(kwargs):
     with pytest.raises(ValueError, match="timing settings"):

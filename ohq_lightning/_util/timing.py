@@ -47,6 +47,8 @@ class TimingSettings(JsonMixin):
         max_seconds: stop after this much timing per operation.
         rel_spread: stop once the median is known this precisely: the interquartile range over
             the median, divided by sqrt(repeats), falls below it.
+        min_seconds: time at least this long before the stopping rule is consulted (fast operations
+            get more repeats where they cost little).
     """
 
     warmup: int = 3
@@ -54,12 +56,15 @@ class TimingSettings(JsonMixin):
     max_repeats: int = 300
     max_seconds: float = 0.5
     rel_spread: float = 0.02
+    min_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats:
             raise ValueError(f"timing settings need warmup >= 0 and 1 <= min_repeats <= max_repeats, got {self}")
         if self.max_seconds <= 0 or self.rel_spread <= 0:
             raise ValueError(f"timing settings need max_seconds > 0 and rel_spread > 0, got {self}")
+        if not 0 <= self.min_seconds <= self.max_seconds:
+            raise ValueError(f"timing settings need 0 <= min_seconds <= max_seconds, got {self}")
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], settings: TimingSettin
             fn()
             times.append(time.perf_counter() - begin)
         count = len(samples[0])
-        if count < settings.min_repeats:
+        if count < settings.min_repeats or time.perf_counter() - started < settings.min_seconds:
             continue
         if max(_relative_iqr(times) for times in samples) / count**0.5 < settings.rel_spread:
             break

@@ -73,6 +73,7 @@ class QDQBuilder:
         self._index = {output: position for position, node in enumerate(nodes) for output in node.output}
         self._consumers = consumers_of(onnx_model)
         self._graph_outputs = {value.name for value in onnx_model.graph.output}
+        self._skeleton = _skeleton(onnx_model)
 
     def build(self, options: Mapping[str, str], *, check: bool = True) -> Any:
         """A copy of the graph where every layer with an integer option is in QDQ form.
@@ -105,7 +106,7 @@ class QDQBuilder:
                     y_qparams = self.ranges[name][1].qparams()
                 position = self._index[node.output[0]]
                 rewrites[position] = self._rewrite(f"{name}#{index}", node, option.weight_bits, x_qparams, y_qparams)
-        model = _rewritten_copy(self.graph, rewrites)
+        model = _rewritten_copy(self.graph, self._skeleton, rewrites)
         if check:
             onnx.checker.check_model(model)
         return model
@@ -228,15 +229,24 @@ class _Rewrite:
     initializers: list[Any]
 
 
-def _rewritten_copy(graph: Any, rewrites: Mapping[int, _Rewrite]) -> Any:
-    """A copy of ``graph`` with the rewrites (by node position) applied, in one pass over its nodes;
-    the float weights and biases the QDQ copies replaced are dropped."""
+def _skeleton(graph: Any) -> Any:
+    """A copy of ``graph`` without its nodes and initializers (what every build starts from)."""
+    import onnx  # deferred: onnx is heavy to import
+
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(graph)
+    del skeleton.graph.node[:]
+    del skeleton.graph.initializer[:]
+    return skeleton
+
+
+def _rewritten_copy(graph: Any, skeleton: Any, rewrites: Mapping[int, _Rewrite]) -> Any:
+    """A copy of ``graph`` (built on its ``skeleton``) with the rewrites (by node position) applied, in one
+    pass over its nodes; the float weights and biases the QDQ copies replaced are dropped."""
     import onnx  # deferred: onnx is heavy to import
 
     model = onnx.ModelProto()
-    model.CopyFrom(graph)
-    del model.graph.node[:]
-    del model.graph.initializer[:]
+    model.CopyFrom(skeleton)
     after = {rewrite.anchor: rewrite for rewrite in rewrites.values() if rewrite.post}
     nodes: list[Any] = []
     for position, original in enumerate(graph.graph.node):

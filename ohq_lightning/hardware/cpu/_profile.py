@@ -14,14 +14,22 @@ from ohq_lightning._util.timing import Timing, TimingSettings, time_interleaved
 from ohq_lightning.hardware.cache import TimingCache
 from ohq_lightning.hardware.cpu._runtimes import Deployment
 
-__all__ = ["GRAPHS_PER_RUN", "REFERENCE", "Profiler"]
+__all__ = ["ANCHOR_RUNS", "GRAPHS_PER_RUN", "REFERENCE", "Profiler"]
 
 REFERENCE = "reference:fp32_ms"
 """Cache key of the FP32 graph's latency; bump when what a sample measures changes, so old caches are not reused."""
 
-GRAPHS_PER_RUN = 6
-"""Mixes timed together in one interleaved run with the FP32 graph: the FP32 timing, which every ratio
-needs, is paid once per run instead of once per mix."""
+GRAPHS_PER_RUN = 1
+"""Mixes timed in one interleaved run with the FP32 graph: one, so that every mix is timed in the same
+context, right after and right before the FP32 graph. Longer rotations looked cheaper (the FP32 timing
+shared by several mixes) but each graph's time depends on what ran before it: with two mixes a run the
+plans a search picked for MobileNetV3-large at 32x32 ran no faster than uniform INT8 (0.98-1.06x), with
+one they ran 0.95x, and in runs of seven graphs the FP32 graph took 1.58 ms where, in the same call, it
+took 0.86 ms beside one other graph."""
+
+
+ANCHOR_RUNS = 3
+"""The last runs of a call whose FP32 timings anchor its milliseconds."""
 
 
 class Profiler:
@@ -33,8 +41,9 @@ class Profiler:
     latency seen. Ratios are worthless without that FP32 latency: a cache holding samples but no
     :data:`REFERENCE` is rebuilt with a warning.
 
-    ``timing`` applies per graph: a run of ``k`` graphs may time for ``timing.max_seconds x k / 2``
-    (the budget of a pair, one mix and FP32, scaled to the graphs it times).
+    ``timing`` applies per graph: a run of ``k`` graphs times for at least ``timing.min_seconds x k / 2``
+    and at most ``timing.max_seconds x k / 2`` (the budget of a pair, one mix and FP32, scaled to the
+    graphs it times).
     """
 
     def __init__(
@@ -66,7 +75,10 @@ class Profiler:
         if self._reference is None:
             self._reference = self.deployment.reference()
         fns = [*runners, self._reference]
-        settings = dataclasses.replace(self.timing, max_seconds=self.timing.max_seconds * len(fns) / 2)
+        scale = len(fns) / 2  # the settings are per graph: a pair's budget, scaled to the graphs in the run
+        settings = dataclasses.replace(
+            self.timing, max_seconds=self.timing.max_seconds * scale, min_seconds=self.timing.min_seconds * scale
+        )
         *timed, ref = time_interleaved(fns, settings)
         self._reference_ms.append(ref.median_ms)
         return [Timing(timing.median_ms / ref.median_ms, timing.spread, timing.repeats) for timing in timed]
@@ -74,10 +86,12 @@ class Profiler:
     def measure(self, todo: Sequence[str], picked: Collection[str]) -> None:
         """Time every plan of ``todo`` (those in ``picked`` three times), saving as it goes so a profile can resume."""
         once = [bits for bits in todo if bits not in picked]
-        for chunk in self._runs(once, "timing the deployed network on this CPU (OQA)"):
+        for index, chunk in enumerate(self._runs(once, "timing the deployed network on this CPU (OQA)")):
             for bits, timing in zip(chunk, self.time_together([self.deployment.build(b) for b in chunk]), strict=True):
                 self.cache.put(bits, timing)
-            self._save()  # an interrupted profile resumes from here
+            if index % 10 == 9:
+                self._save()  # an interrupted profile resumes from here
+        self._save()
         self._median_of_three([bits for bits in todo if bits in picked], "timing the picked plans (OQA)")
 
     def retime(self, plans: Sequence[str]) -> None:
@@ -110,23 +124,32 @@ class Profiler:
                 bar.update(len(chunk))
 
     def anchor(self, count: int) -> dict[str, Any]:
-        """A fresh timing of the FP32 graph (in turn with the all-INT8 graph, as the profile times), to
-        anchor the milliseconds: ratios keep for the lifetime of a cache, the machine's speed does not.
+        """The FP32 graph's milliseconds now, to anchor the table: ratios keep for the lifetime of a cache,
+        the machine's speed does not.
 
-        ``count`` is the number of layers. Returns the anchor's FP32 and INT8 milliseconds and INT8 ratio,
-        the cached FP32 reference, the FP32 milliseconds of this call's runs (first, last, median: the
-        drift within a profile), and when the anchor was taken.
+        The median FP32 timing of this call's last :data:`ANCHOR_RUNS` runs, which just timed it in turn
+        with one other graph; a call that timed nothing (a cached profile) times it now, in turn with the
+        all-INT8 graph. ``count`` is the number of layers. Returns the anchor's FP32 and INT8 milliseconds
+        and INT8 ratio, what it was taken from, the cached FP32 reference, the FP32 milliseconds of this
+        call's runs (first, last, median: the drift within a profile), and when it was taken (UTC).
         """
-        runs_before = list(self._reference_ms)
-        (int8,) = self.time_together([self.deployment.build("1" * count)])
-        fp32_ms = self._reference_ms[-1]
+        runs = list(self._reference_ms)
+        int8 = self.cache.get("1" * count)
+        if runs and int8 is not None:
+            fp32_ms = statistics.median(runs[-ANCHOR_RUNS:])
+            source = f"the FP32 graph in this call's last {min(len(runs), ANCHOR_RUNS)} runs"
+        else:
+            (int8,) = self.time_together([self.deployment.build("1" * count)])
+            fp32_ms = self._reference_ms[-1]
+            source = "the FP32 graph timed in turn with the all-INT8 graph"
         profile = self.cache.get(REFERENCE)
         return {
             "fp32_ms": fp32_ms,
             "int8_ms": int8.median_ms * fp32_ms,
             "int8_ratio": int8.median_ms,
+            "from": source,
             "profile_fp32_ms": None if profile is None else profile.median_ms,
-            "this_call_runs_fp32_ms": _first_last(runs_before),
+            "this_call_runs_fp32_ms": _first_last(runs),
             "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 

@@ -66,8 +66,8 @@ def fit_additive(measured: Mapping[str, float], count: int, seed: int) -> Additi
     """Least-squares fit of base, per-layer integer deltas and transition costs (``T >= 0``) to the samples.
 
     ``measured`` maps plans over ``count`` layers to latencies (ms) and must hold the all-FP32 and
-    all-INT8 plans, which weigh more than the mixes (see :func:`_weights`); a fifth of the samples (chosen with ``seed``) is held out once to estimate the
-    error on unseen plans.
+    all-INT8 plans, which weigh more than the mixes (see :func:`_weights`); a fifth of the samples
+    (chosen with ``seed``) is held out once to estimate the error on unseen plans.
     """
     keys = list(measured)
     rows = np.stack([design_row(bits) for bits in keys])

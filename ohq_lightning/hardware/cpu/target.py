@@ -29,12 +29,12 @@ __all__ = ["CPU_OPTIONS", "DEFAULT_TIMING", "CPUTarget"]
 CPU_OPTIONS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w2a8")
 _P_INTEGER = (0.2, 0.5, 0.8)
 
-DEFAULT_TIMING = TimingSettings(warmup=2, min_repeats=8, max_seconds=1.0, rel_spread=0.015)
-"""How long the cpu target times each graph: until each median is known to about 1.5% (its relative
-interquartile range over sqrt(repeats)), at least 8 calls, at most 1 s a graph. The additive fit has
-about 1.25 samples per unknown, so noise of that size moves its predictions by about 2%: well inside
-the 10% that ``bench/oqa_fidelity.py`` allows, where a longer timing per graph would cost time and buy
-nothing the fit's own error (a few percent) does not swamp."""
+DEFAULT_TIMING = TimingSettings(warmup=1, min_repeats=6, max_seconds=1.0, rel_spread=0.03, min_seconds=0.08)
+"""How long the cpu target times each graph: at least 6 calls after 2 warm-ups, then until its median is
+known to about 2% (relative interquartile range over sqrt(calls)), at most 1 s a graph. The additive fit
+has about 1.25 samples per unknown, so noise of that size moves its predictions by a few percent: well
+inside the 10% that ``bench/oqa_fidelity.py`` allows. Timing longer bought precision the fit's own
+error swamps (the old 0.6% setting cost a third of a cold MobileNetV3-large search)."""
 _METHOD = "in-context-qdq-v3-batched-ratio-to-fp32"
 
 
