@@ -12,6 +12,17 @@ from ohq_lightning.layers import trace_layers
 QUICK = TimingSettings(warmup=1, min_repeats=3, max_repeats=20, max_seconds=0.02, rel_spread=0.05)
 
 
+def assert_read_from_cache_and_reanchored(cold, warm):
+    """``warm`` read every sample from the cache ``cold`` wrote: the same ratios, anchored on a fresh FP32
+    timing taken by each call (a cached one times it on purpose)."""
+    assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
+    assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
+    assert "last" in cold.meta["anchor"]["from"] and "all-INT8" in warm.meta["anchor"]["from"]
+    scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
+    # lsq_linear stops at its own tolerance
+    assert warm.base_latency_ms == pytest.approx(cold.base_latency_ms * scale, rel=1e-3)
+
+
 @pytest.fixture
 def traced():
     model = make_tiny_net()
@@ -43,14 +54,7 @@ def test_a_second_profile_reads_the_cache_and_force_measures_again(traced, tmp_p
     first = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
     cold = first.costs(layers, model=model, example_inputs=example)
     warm = first.costs(layers, model=model, example_inputs=example)
-    assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
-    # the same ratios, anchored on a fresh FP32 timing taken by each call (a cached one times it on purpose)
-    assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
-    assert "last" in cold.meta["anchor"]["from"] and "all-INT8" in warm.meta["anchor"]["from"]
-    scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
-    assert warm.base_latency_ms == pytest.approx(
-        cold.base_latency_ms * scale, rel=1e-3
-    )  # lsq_linear stops at its own tolerance
+    assert_read_from_cache_and_reanchored(cold, warm)
     forced = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False, force=True)
     assert forced.costs(layers, model=model, example_inputs=example).meta["fit"]["measured_now"] > 0
 
@@ -156,14 +160,7 @@ def test_the_torch_runtime_reads_its_own_cache_on_a_second_profile(traced, tmp_p
     target = torch_target(tmp_path)
     cold = target.costs(layers, model=model, example_inputs=example)
     warm = target.costs(layers, model=model, example_inputs=example)
-    assert warm.meta["fit"]["measured_now"] == 0 and warm.meta["fit"]["from_cache"] == cold.meta["fit"]["samples"]
-    # the same ratios, anchored on a fresh FP32 timing taken by each call (a cached one times it on purpose)
-    assert warm.meta["anchor"]["taken_at"] >= cold.meta["anchor"]["taken_at"]
-    assert "last" in cold.meta["anchor"]["from"] and "all-INT8" in warm.meta["anchor"]["from"]
-    scale = warm.meta["anchor"]["fp32_ms"] / cold.meta["anchor"]["fp32_ms"]
-    assert warm.base_latency_ms == pytest.approx(
-        cold.base_latency_ms * scale, rel=1e-3
-    )  # lsq_linear stops at its own tolerance
+    assert_read_from_cache_and_reanchored(cold, warm)
     # the fingerprint names the runtime and its engine: other runtimes and engines keep their own files
     ort = CPUTarget(samples_per_layer=2, timing=QUICK, cache_dir=tmp_path, progress=False)
     files = {
